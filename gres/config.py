@@ -151,6 +151,22 @@ class TrainConfig:
     eval_every: int = 5000  # TEST.EVAL_PERIOD
     log_every: int = 20
     seed: int = 0  # the official default is -1 (random); we fix it for determinism
+    # --- fields added by the training engine (gres.engine / gres.optim) ---
+    # Budget in samples: when set, max_iters = ceil(max_samples / batch_size) (never wall time).
+    max_samples: int | None = None
+    weight_decay_norm: float = 0.0  # d2 SOLVER.WEIGHT_DECAY_NORM default: no decay on norm layers
+    weight_decay_embed: float = 0.0  # d2 WEIGHT_DECAY_EMBED: nn.Embedding + rel-pos tables
+    min_lr_factor: float = 0.0  # cosine schedule floor, as a fraction of lr (ours, CPU presets)
+    # Freeze every text-encoder parameter (frozen MiniLM variant); False = recipe (only BERT
+    # embeddings and layers >= ModelConfig.text.frozen_layers_from are frozen).
+    freeze_text_encoder: bool = False
+    amp_dtype: str = "float16"  # AMPTrainer: fp16 autocast + GradScaler; "bfloat16": no scaler
+    # Sub-modules (by attribute name) run in fp32 under AMP: GRES.py forces the pixel decoder fp32.
+    fp32_modules: tuple[str, ...] = ("pixel_decoder",)
+    eval_batch_size: int = 8  # per process (official test loader: 1 image per GPU; any value works)
+    eval_max_samples: int | None = None  # cap of periodic evaluation (learning curves); None = all
+    keep_checkpoints: int = 2  # periodic checkpoints kept on disk (the newest ones; ours)
+    device: str = "auto"  # "auto" = cuda if available else cpu
 
 
 @dataclass(frozen=True)
