@@ -97,6 +97,19 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # --- ablation variants and baselines (gres.model.variants; defaults = full ReLA) ---
+    # "rela" = ReLA decoder; "onestage" = LAVT-style plain segmentation head on the same
+    # language-fused backbone, no pixel decoder, no regions, no NT head (paper §5.3, Tables 5/6).
+    head: str = "rela"
+    # Region features, paper Table 2: "attention" = RIA, Eq. 2 (#4 ReLA); "hard_split_decoder" =
+    # #2, RIA replaced by average pooling the image features into P x P; "hard_split_input" = #1,
+    # image cut into P x P patches, each encoded on its own, regions = the patches.
+    ria_mode: str = "attention"
+    # Region-region / region-language modelling, paper Table 3: "full" = RLA (#4 ReLA);
+    # "product" = #1 baseline, RLA replaced by region features x globally averaged language
+    # feature; "product+lang" = #2, + language cross-attention; "product+region" = #3,
+    # + region self-attention.
+    rla_mode: str = "full"
 
 
 # --------------------------------------------------------------------------------------------------
