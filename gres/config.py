@@ -180,6 +180,9 @@ class TrainConfig:
     eval_max_samples: int | None = None  # cap of periodic evaluation (learning curves); None = all
     keep_checkpoints: int = 2  # periodic checkpoints kept on disk (the newest ones; ours)
     device: str = "auto"  # "auto" = cuda if available else cpu
+    # DDP find_unused_parameters (Mask2Former/ReLA train_net: False); True if a variant leaves
+    # some trainable parameter out of the graph.
+    ddp_find_unused_parameters: bool = False
 
 
 @dataclass(frozen=True)
