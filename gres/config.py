@@ -70,6 +70,12 @@ class PixelDecoderConfig:
     ffn_dim: int = 1024  # msdeformattn.py:320, hard-coded
     norm_groups: int = 32  # NORM "GN" = GroupNorm(32, C)
     dropout: float = 0.0  # MASK_FORMER.DROPOUT
+    # msdeformattn.py forward_features: @autocast(enabled=False) + .float(): the pixel decoder
+    # runs in fp32 even under AMP. False lets it follow autocast (faster bf16 CPU inference).
+    force_fp32: bool = True
+    # Deformable sampling: "gather" (one weighted row gather, fast) or "grid_sample" (the
+    # official PyTorch fallback ms_deform_attn_core_pytorch); same function up to rounding.
+    deform_core: str = "gather"
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ class DecoderConfig:
     lang_att_layers: tuple[int, ...] = (0,)  # language cross-attention at layer 0 only (main)
     dropout: float = 0.0  # MASK_FORMER.DROPOUT
     variant: str = "main"  # "main" = released code; "original" = paper branch (spec §1.8)
+    mask_embed_layers: int = 3  # referring_transformer_decoder.py: MLP(D, D, mask_dim, 3)
+    nt_embed_layers: int = 2  # referring_transformer_decoder.py: MLP(D, D, 2, 2)
 
 
 @dataclass(frozen=True)
