@@ -1,0 +1,191 @@
+"""gres.viz returns figures with the right colours, badges and panels (not pixel-perfect)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from gres import viz  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def scene():
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g)
+    gt = torch.zeros(32, 32, dtype=torch.bool)
+    gt[4:12, 4:12] = True
+    pred = torch.zeros(32, 32, dtype=torch.bool)
+    pred[6:14, 6:16] = True
+    return image, gt, pred
+
+
+def _by_gid(fig: Figure) -> dict:
+    out = {}
+    for ax in fig.axes:
+        for artist in ax.get_children():
+            if artist.get_gid():
+                out.setdefault(artist.get_gid(), []).append(artist)
+    return out
+
+
+def test_use_book_style_sets_rcparams():
+    viz.use_book_style()
+    rc = matplotlib.rcParams
+    assert 9 <= rc["font.size"] <= 10
+    assert not rc["axes.spines.top"] and not rc["axes.spines.right"]
+    cycle = [c.upper() for c in rc["axes.prop_cycle"].by_key()["color"]]
+    assert set(cycle) == {c.upper() for c in viz.OKABE_ITO}
+    assert viz.FULL == 7.0 and viz.HALF == 3.4
+
+
+def test_overlay_colours_alpha_and_contours(scene):
+    image, gt, pred = scene
+    fig = viz.overlay(image, gt, pred, title="the two red squares")
+    assert isinstance(fig, Figure)
+    arts = _by_gid(fig)
+    assert {"gt-fill", "gt-contour", "pred-fill", "pred-contour"} <= set(arts)
+    assert "badge-gt" not in arts and "badge-pred" not in arts
+    gt_rgba = arts["gt-fill"][0].get_array()
+    pred_rgba = arts["pred-fill"][0].get_array()
+    np.testing.assert_allclose(gt_rgba[5, 5], to_rgba("#E69F00", 0.5), atol=1e-6)
+    np.testing.assert_allclose(pred_rgba[7, 10], to_rgba("#0072B2", 0.5), atol=1e-6)
+    assert gt_rgba[20, 20, 3] == 0 and pred_rgba[0, 0, 3] == 0  # transparent off the mask
+    contour = arts["gt-contour"][0]
+    np.testing.assert_allclose(contour.get_edgecolor()[0], to_rgba("#E69F00"), atol=1e-6)
+    assert fig.axes[0].get_title() == "the two red squares"
+    assert fig.axes[0].get_legend() is not None  # both masks -> legend
+
+
+def test_overlay_no_target_badges(scene):
+    image, _, pred = scene
+    empty = torch.zeros(32, 32, dtype=torch.bool)
+    # GT only, empty: a single "no target" badge
+    arts = _by_gid(viz.overlay(image, empty))
+    assert arts["badge-gt"][0].get_text() == "no target"
+    assert "gt-contour" not in arts
+    # empty GT and a non-empty prediction: GT badge only
+    arts = _by_gid(viz.overlay(image, empty, pred))
+    assert arts["badge-gt"][0].get_text() == "GT: no target" and "badge-pred" not in arts
+    # a predicted no-target flag shows the prediction badge even with a non-empty mask
+    arts = _by_gid(viz.overlay(image, pred, pred, pred_no_target=True))
+    assert arts["badge-pred"][0].get_text() == "pred: no target" and "badge-gt" not in arts
+    box = arts["badge-pred"][0].get_bbox_patch()
+    np.testing.assert_allclose(box.get_facecolor(), to_rgba("#0072B2"), atol=1e-6)
+    # an explicit no-target label wins over the mask content
+    arts = _by_gid(viz.overlay(image, torch.zeros(32, 32, dtype=torch.bool), gt_no_target=False))
+    assert "badge-gt" not in arts
+
+
+def test_overlay_accepts_hwc_float_and_low_res_masks(scene):
+    image, gt, _ = scene
+    hwc = image.permute(1, 2, 0).float().numpy() / 255.0
+    small = gt[::4, ::4]  # (8, 8) mask over a (32, 32) image
+    fig = viz.overlay(hwc, pred_mask=small)
+    im = _by_gid(fig)["pred-fill"][0]
+    assert im.get_array().shape[:2] == (8, 8)
+    assert tuple(im.get_extent()) == (-0.5, 31.5, 31.5, -0.5)
+    with pytest.raises(ValueError, match="image must be"):
+        viz.overlay(np.zeros((5, 32, 32)))
+    with pytest.raises(ValueError, match="mask must be"):
+        viz.overlay(image, gt_mask=np.zeros((2, 3, 32, 32)))
+
+
+def test_show_grid_from_dataset_samples(scene):
+    image, gt, pred = scene
+    samples = [
+        {"image": image, "gt_mask": gt, "no_target": torch.tensor(False),
+         "meta": {"sentence": "left square"}},
+        {"image": image, "gt_mask": torch.zeros_like(gt), "no_target": torch.tensor(True),
+         "meta": {"sentence": "the blue dog"}},
+        {"image": image, "gt_mask": gt, "no_target": torch.tensor(False),
+         "meta": {"sentence": "all squares"}},
+    ]
+    fig = viz.show_grid(samples, preds=[pred, {"pred_mask": pred, "pred_no_target": True}, gt],
+                        ncols=2)
+    assert len(fig.axes) == 4  # 2 x 2, last panel blank
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:3] == ["“left square”", "“the blue dog”", "“all squares”"]
+    badges = {a.get_gid(): a.get_text() for a in fig.axes[1].texts if a.get_gid()}
+    assert badges == {"badge-gt": "GT: no target", "badge-pred": "pred: no target"}
+    with pytest.raises(ValueError, match="predictions"):
+        viz.show_grid(samples, preds=[pred])
+
+
+def test_plot_minimap_layout_and_validation(scene):
+    image, gt, _ = scene
+    probs = torch.linspace(0, 1, 100)
+    fig = viz.plot_minimap(probs, image=image, gt_mask=gt)
+    assert isinstance(fig, Figure)
+    mm = _by_gid(fig)["minimap"][0]
+    arr = mm.get_array()
+    assert arr.shape == (10, 10)
+    assert arr[0, 3] == pytest.approx(probs[3].item())  # region q -> cell (q // 10, q % 10)
+    assert arr[4, 0] == pytest.approx(probs[40].item())
+    with pytest.raises(ValueError, match="square grid"):
+        viz.plot_minimap(torch.rand(10))
+    with pytest.raises(ValueError, match="probabilities"):
+        viz.plot_minimap(torch.randn(16) * 5)
+
+
+def test_plot_region_masks_picks_most_probable(scene):
+    image, _, _ = scene
+    masks = torch.randn(16, 8, 8)
+    probs = torch.zeros(16)
+    probs[[5, 11, 2]] = torch.tensor([0.9, 0.8, 0.7])
+    fig = viz.plot_region_masks(masks, region_probs=probs, k=3, image=image)
+    gids = set(_by_gid(fig))
+    assert {"region-5", "region-11", "region-2"} <= gids
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[:4] == ["image", "region 5, x=0.90", "region 11, x=0.80", "region 2, x=0.70"]
+    shown = _by_gid(fig)["region-5"][0].get_array()
+    np.testing.assert_allclose(shown, torch.sigmoid(masks[5]).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="out of range"):
+        viz.plot_region_masks(masks, region_ids=[16])
+
+
+def test_plot_curves_and_compare():
+    log = pd.DataFrame({"iter": np.arange(10), "loss": np.linspace(2, 1, 10),
+                        "loss_mask": np.linspace(1, 0.5, 10),
+                        "gIoU": [np.nan] * 9 + [40.0]})
+    fig = viz.plot_curves(log)
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["loss", "loss_mask"]
+    fig = viz.plot_curves(log, y="gIoU")
+    assert len(fig.axes[0].get_lines()[0].get_xdata()) == 1  # NaNs skipped
+    runs = pd.concat([log.assign(run="a"), log.assign(run="b")])
+    fig = viz.plot_curves(runs, y="loss", hue="run", smooth=3)
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["a", "b"]
+    with pytest.raises(ValueError, match="not in the log"):
+        viz.plot_curves(log, y="nope")
+    cmp = pd.DataFrame({"method": ["A", "B"], "metric": ["gIoU"] * 2, "paper": [60.0, 50.0],
+                        "ours": [40.0, 45.0]})
+    fig = viz.plot_compare(cmp, metric="gIoU")
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == [60.0, 50.0, 40.0, 45.0]
+
+
+def test_savefig_picks_format(tmp_path, scene):
+    image, gt, _ = scene
+    img_fig = viz.overlay(image, gt)
+    plot_fig = viz.plot_curves(pd.DataFrame({"iter": [0, 1], "loss": [1.0, 0.5]}))
+    p1 = viz.savefig(img_fig, tmp_path / "fig" / "overlay")
+    p2 = viz.savefig(plot_fig, tmp_path / "curve")
+    p3 = viz.savefig(plot_fig, tmp_path / "forced.png")
+    assert p1.suffix == ".png" and p1.read_bytes()[:4] == b"\x89PNG"
+    assert p2.suffix == ".svg" and b"<svg" in p2.read_bytes()[:400]
+    assert p3.suffix == ".png" and p3.exists()
