@@ -138,7 +138,8 @@ def to_mask(mask: Any) -> np.ndarray:
 def _wrap(title: str | None, width: int) -> str | None:
     if title is None:
         return None
-    return "\n".join(textwrap.wrap(str(title), width=width)) or str(title)
+    lines = [textwrap.wrap(line, width=width) or [""] for line in str(title).split("\n")]
+    return "\n".join(part for parts in lines for part in parts)
 
 
 def _new_axes(ax: plt.Axes | None, size: tuple[float, float]) -> tuple[Figure, plt.Axes]:
