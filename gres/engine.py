@@ -262,24 +262,51 @@ class ShardedEvalSampler(torch.utils.data.Sampler[int]):
 # --------------------------------------------------------------------------------------------------
 # Building blocks: dataset, model, mixed precision
 # --------------------------------------------------------------------------------------------------
-def build_dataset(cfg: ExperimentConfig, split: str, root: str | os.PathLike | None = None):
+def build_dataset(
+    cfg: ExperimentConfig,
+    split: str,
+    root: str | os.PathLike | None = None,
+    tokenizer: Any = None,
+    max_samples: int | None = None,
+):
     """The :class:`gres.data.dataset.GRESDataset` of ``split`` under ``root`` (default cfg.data.root).
 
+    The tokenizer is the model's (``cfg.model.text.tokenizer`` or ``name_or_path``; ``None`` = the
+    packaged offline one); pass ``tokenizer`` to share one between splits. Unlike the book's
+    helpers, a missing synthetic dataset is not generated here: training on a wrong path must fail.
+
     Raises:
-        FileNotFoundError: the data root does not exist (names the path and how to create it).
+        FileNotFoundError: the data root, its annotation files or an image do not exist.
+        ValueError: ``cfg.data.image_size`` differs from ``cfg.model.image_size``, or the split is
+            unknown.
     """
-    from gres.data.dataset import GRESDataset
+    from gres.data.dataset import build_dataset as data_build_dataset
+    from gres.data.dataset import build_tokenizer
 
     data = cfg.data if root is None else dataclasses.replace(cfg.data, root=str(root))
+    if data.image_size != cfg.model.image_size:
+        raise ValueError(
+            f"data.image_size={data.image_size} differs from model.image_size="
+            f"{cfg.model.image_size}; set both to the same value"
+        )
     if not Path(data.root).is_dir():
         hint = (
-            " (generate it with: python data_prep/make_synthetic.py --preset default --out "
-            f"{data.root})"
+            f" (generate it with: python data_prep/make_synthetic.py --out {data.root})"
             if data.dataset == "synthetic"
-            else ""
+            else " (see README: real gRefCOCO layout)"
         )
         raise FileNotFoundError(f"data root {data.root!r} does not exist{hint}")
-    return GRESDataset.from_config(data, split=split, text=cfg.model.text)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg.model.text.tokenizer or cfg.model.text.name_or_path)
+    return data_build_dataset(
+        data,
+        split,
+        tokenizer=tokenizer,
+        image_size=data.image_size,
+        max_tokens=cfg.model.text.max_tokens,
+        ensure=False,
+        max_samples=max_samples,
+    )
 
 
 def build_collate():
@@ -389,99 +416,58 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, cfg: ModelConfig | None = None) -> Path:
-    """Write the model weights as safetensors (atomically), with the model config as metadata.
+def save_weights(
+    model: nn.Module, path: str | os.PathLike, cfg: ModelConfig | ExperimentConfig | None = None
+) -> Path:
+    """Write the weights as safetensors with the config (metadata + ``<path>.json``), atomically.
 
-    Uses :func:`gres.checkpoint.save_model` when that module provides it.
+    Thin wrapper of :func:`gres.checkpoint.save_model` that also fsyncs the folder.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        from gres.checkpoint import save_model
-    except ImportError:
-        save_model = None
-    if save_model is not None:
-        save_model(unwrap(model), tmp, cfg)
-    else:
-        from safetensors.torch import save_model as st_save
+    from gres.checkpoint import save_model
 
-        meta = {"format": "gres"}
-        if cfg is not None:
-            meta["config"] = json.dumps(to_dict(cfg))
-        st_save(unwrap(model), str(tmp), metadata=meta)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    path = Path(path)
+    save_model(unwrap(model), cfg, path)
     _fsync_dir(path.parent)
     return path
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load safetensors weights into ``model`` strictly.
+    """Load safetensors weights into ``model`` strictly (no partial load).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file does not match the model (names the missing, unexpected and
-            mis-shaped keys and the file).
+        ValueError: the file is unreadable or does not match the model (the message names the
+            file and the missing, unexpected and mis-shaped keys).
     """
+    from safetensors.torch import load_file
+
+    from gres.checkpoint import load_state_dict_checked
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    from safetensors.torch import load_file
-
     try:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
-    target = unwrap(model).state_dict()
-    missing = sorted(set(target) - set(state))
-    unexpected = sorted(set(state) - set(target))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in set(state) & set(target)
-        if state[k].shape != target[k].shape
-    )
-    # Tied weights are stored once by safetensors.save_model; they are not really missing.
-    missing = [k for k in missing if not _is_tied_alias(unwrap(model), k, state)]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-            if keys:
-                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-                parts.append(f"{label} keys {keys[:5]}{more}")
-        raise ValueError(f"checkpoint {path} does not match the model config: " + "; ".join(parts))
-    from safetensors.torch import load_model as st_load
-
-    st_load(unwrap(model), str(path), strict=True)
+    try:
+        load_state_dict_checked(unwrap(model), state, strict=True, source=str(path))
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path} does not match the model config: {exc}") from None
     return model
 
 
-def _is_tied_alias(model: nn.Module, key: str, state: dict[str, torch.Tensor]) -> bool:
-    """True when ``key`` shares storage with a parameter that is in ``state``."""
-    params = dict(model.state_dict(keep_vars=True))
-    t = params.get(key)
-    if t is None:
-        return False
-    ptr = t.data_ptr()
-    return any(k in state for k, v in params.items() if k != key and v.data_ptr() == ptr)
-
-
 def read_weights_config(path: str | os.PathLike) -> ModelConfig | None:
-    """The :class:`ModelConfig` stored in a safetensors file's metadata, or ``None``."""
+    """The :class:`ModelConfig` stored with a weights file, or ``None`` when it has none."""
+    from gres.checkpoint import model_config, read_config
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    blob = meta.get("config") or meta.get("model_config")
-    if not blob:
+    try:
+        return model_config(read_config(path))
+    except ValueError:
         return None
-    data = json.loads(blob)
-    if "model" in data and isinstance(data["model"], dict):  # a whole ExperimentConfig
-        data = data["model"]
-    return from_dict(ModelConfig, data)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -517,7 +503,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_weights(model, tmp / "model.safetensors", cfg.model)
+    save_weights(model, tmp / "model.safetensors", cfg)
     torch.save(state, tmp / "state.pt")
     _fsync_file(tmp / "state.pt")
     meta = {"iteration": iteration, "config": to_dict(cfg), "time": time.time()}
@@ -877,7 +863,8 @@ def train(
     if train_dataset is None:
         train_dataset = build_dataset(cfg, cfg.data.train_split)
     if val_dataset is None and tcfg.eval_every > 0:
-        val_dataset = build_dataset(cfg, cfg.data.val_split)
+        val_dataset = build_dataset(cfg, cfg.data.val_split,
+                                    tokenizer=getattr(train_dataset, "tokenizer", None))
 
     # ---- model, optimiser ------------------------------------------------------------------------
     seed_everything(tcfg.seed)
@@ -1052,7 +1039,7 @@ def train(
     if it >= total_iters:
         checkpoint(it)
         if info.is_main:
-            result.final_weights = save_weights(model, run_dir / "model_final.safetensors", cfg.model)
+            result.final_weights = save_weights(model, run_dir / "model_final.safetensors", cfg)
         if val_dataset is not None and tcfg.eval_every > 0:
             ev = evaluate(net, val_dataset, device=dev, batch_size=tcfg.eval_batch_size,
                           num_workers=cfg.data.num_workers, progress=progress, desc="final eval")

