@@ -910,7 +910,7 @@ def train(
             model,
             device_ids=[dev.index] if dev.type == "cuda" else None,
             find_unused_parameters=tcfg.ddp_find_unused_parameters,
-            broadcast_buffers=False,
+            forward_sync_buffers=False,  # buffers are constants (index tables); synced at init
         )
 
     sampler = TrainBatchSampler(
