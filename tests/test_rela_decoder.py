@@ -1,0 +1,245 @@
+"""ReLA decoder: heads, Eq. 1, attention-mask rule, teacher forcing, language path, variants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gres.model.rela import MultiheadAttention, ReLADecoder
+
+B, D, L, DT, CM = 2, 16, 5, 12, 8
+
+
+def _decoder(variant: str = "main", **kw) -> ReLADecoder:
+    args = dict(
+        in_channels=D, lang_dim=DT, hidden_dim=D, num_heads=2, ffn_dim=24, num_layers=4,
+        num_queries=9, mask_dim=CM, variant=variant,
+    )
+    args.update(kw)
+    return ReLADecoder(**args)
+
+
+def _inputs(seed: int = 0, channels: int = D):
+    g = torch.Generator().manual_seed(seed)
+    ms = [torch.randn(B, channels, s, s, generator=g) for s in (2, 4, 8)]
+    mf = torch.randn(B, CM, 16, 16, generator=g)
+    lang = torch.randn(B, L, DT, generator=g)
+    return ms, mf, lang
+
+
+def _perturb(module: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_shapes_and_extras():
+    torch.manual_seed(0)
+    dec = _decoder().eval()
+    out = dec(*_inputs(), return_extras=True)
+    assert out.mask_logits.shape == (B, 2, 16, 16)
+    assert out.region_logits.shape == (B, 9, 2)
+    assert out.nt_logits.shape == (B, 2)
+    assert out.region_masks.shape == (B, 9, 16, 16)
+    ex = out.extras
+    assert ex["dec_ria_out"].shape == ex["dec_rla_out"].shape == ex["dec_queries"].shape == (4, B, 9, D)
+    assert ex["dec_pred_logits"].shape == (5, B, 9, 2)
+    assert ex["dec_pred_masks"].shape == (5, B, 2, 16, 16)
+    assert ex["dec_nt_label"].shape == (5, B, 2)
+    assert ex["dec_rla_lang_att_out"].shape == ex["dec_after_lang"].shape == (B, 9, D)
+    # levels cycle coarsest first: 2x2, 4x4, 8x8, 2x2
+    assert [ex[f"dec_attn_mask{i}"].shape[-1] for i in range(4)] == [4, 16, 64, 4]
+    assert ex["dec_attn_full_rows"].shape == (4,)
+    torch.testing.assert_close(ex["dec_pred_masks"][-1], out.mask_logits)
+    assert not dec(*_inputs()).extras  # nothing recorded unless asked
+
+
+def test_target_mask_is_eq1_sum_over_regions_and_nt_is_mean():
+    torch.manual_seed(0)
+    dec = _decoder().eval()
+    ms, mf, lang = _inputs()
+    out = dec(ms, mf, lang, return_extras=True)
+    expect = torch.einsum("bqa,bqhw->bahw", out.region_logits, out.region_masks)
+    torch.testing.assert_close(out.mask_logits, expect, rtol=1e-4, atol=1e-4)
+    # no-target logits are the mean over regions of a per-region MLP on the normed queries
+    region = dec.decoder_norm(out.extras["dec_queries"][-1])
+    torch.testing.assert_close(out.nt_logits, dec.nt_embed(region).mean(1))
+    # region masks are dot products of the region embedding with the mask features
+    torch.testing.assert_close(
+        out.region_masks, torch.einsum("bqc,bchw->bqhw", dec.mask_embed(region), mf)
+    )
+
+
+def test_attention_mask_rule_and_full_row_fix():
+    torch.manual_seed(0)
+    dec = _decoder().eval()
+    ms, mf, lang = _inputs()
+    out = dec(ms, mf, lang, return_extras=True)
+    ex = out.extras
+    # layer-1 mask = sigmoid(bilinear(region masks after layer 0)) < 0.5, full rows unblocked
+    region = dec.decoder_norm(ex["dec_queries"][0])
+    masks = torch.einsum("bqc,bchw->bqhw", dec.mask_embed(region), mf)
+    resized = F.interpolate(masks, size=(4, 4), mode="bilinear", align_corners=False)
+    blocked = resized.flatten(2).sigmoid() < 0.5
+    full = blocked.all(-1)
+    blocked[full] = False
+    assert torch.equal(ex["dec_attn_mask1"], blocked)
+    assert ex["dec_attn_full_rows"][1] == full.sum()
+
+
+def test_all_blocked_rows_are_unblocked():
+    """A mask_features shift that makes every region logit negative blocks every pixel; the
+    official fix then lets every row attend everywhere, i.e. the same as no mask at all."""
+    torch.manual_seed(0)
+    dec = _decoder().eval()
+    ms, mf, lang = _inputs()
+    with torch.no_grad():
+        dec.mask_embed.layers[-1].weight.zero_()
+        dec.mask_embed.layers[-1].bias.fill_(1.0)
+    out = dec(ms, -mf.abs() - 1.0, lang, return_extras=True)
+    assert int(out.extras["dec_attn_full_rows"].sum()) == 4 * B * 9
+    assert not any(out.extras[f"dec_attn_mask{i}"].any() for i in range(4))
+    forced = [torch.zeros(B, 9, s * s, dtype=torch.bool) for s in (2, 4, 8, 2)]
+    ref = dec(ms, -mf.abs() - 1.0, lang, forced_attn_masks=forced)
+    torch.testing.assert_close(out.mask_logits, ref.mask_logits)
+
+
+def test_teacher_forcing_replaces_the_masks():
+    torch.manual_seed(0)
+    dec = _decoder().eval()
+    _perturb(dec)
+    ms, mf, lang = _inputs()
+    out = dec(ms, mf, lang, return_extras=True)
+    computed = [out.extras[f"dec_attn_mask{i}"] for i in range(4)]
+    same = dec(ms, mf, lang, return_extras=True, forced_attn_masks=computed)
+    torch.testing.assert_close(same.mask_logits, out.mask_logits)
+    flipped = [m.clone() for m in computed]
+    flipped[0][0, 0, 0] = ~flipped[0][0, 0, 0]
+    if flipped[0][0, 0].all():
+        flipped[0][0, 0, 1] = False
+    other = dec(ms, mf, lang, return_extras=True, forced_attn_masks=flipped)
+    assert not torch.allclose(other.extras["dec_ria_out"][0, 0, 0], out.extras["dec_ria_out"][0, 0, 0])
+    # the computed (not the forced) masks are reported
+    assert torch.equal(other.extras["dec_attn_mask0"], computed[0])
+    with pytest.raises(ValueError, match="one mask per layer"):
+        dec(ms, mf, lang, forced_attn_masks=computed[:2])
+
+
+def test_language_path_code_exact():
+    """out + rla_weight * sigmoid(lang_weight) * LN(out + MHA(out, L, L)), no padding mask."""
+    torch.manual_seed(0)
+    dec = _decoder().eval()
+    _perturb(dec)
+    with torch.no_grad():
+        dec.lang_weight.fill_(0.75)
+    ms, mf, lang = _inputs()
+    ex = dec(ms, mf, lang, return_extras=True).extras
+    proj = dec.lang_proj(lang)
+    att = dec.RLA_lang_att.norm(
+        ex["dec_ria_out"][0] + dec.RLA_lang_att.multihead_attn(ex["dec_ria_out"][0], proj, proj)
+    )
+    torch.testing.assert_close(ex["dec_rla_lang_att_out"], att)
+    expect = ex["dec_ria_out"][0] + 0.1 * torch.sigmoid(torch.tensor(0.75)) * att
+    torch.testing.assert_close(ex["dec_after_lang"], expect)
+    # padding positions are attended: changing the last token's features changes the result
+    lang2 = lang.clone()
+    lang2[:, -1] += 1.0
+    ex2 = dec(ms, mf, lang2, return_extras=True).extras
+    assert not torch.allclose(ex2["dec_rla_lang_att_out"], ex["dec_rla_lang_att_out"])
+
+
+def test_lang_proj_zero_init_silences_language_at_init():
+    """At init lang_proj = 0: keys and values are only the in_proj biases -> text-independent."""
+    torch.manual_seed(0)
+    dec = _decoder().eval()
+    ms, mf, _ = _inputs()
+    a = dec(ms, mf, torch.randn(B, L, DT))
+    b = dec(ms, mf, torch.randn(B, L, DT))
+    torch.testing.assert_close(a.mask_logits, b.mask_logits)
+    assert dec.lang_weight.item() == 0.0 and torch.count_nonzero(dec.lang_proj.weight) == 0
+
+
+def test_multihead_attention_matches_torch():
+    torch.manual_seed(0)
+    ours = MultiheadAttention(16, 4)
+    ref = torch.nn.MultiheadAttention(16, 4)
+    ref.load_state_dict(ours.state_dict())
+    q, k = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    blocked = torch.rand(2, 5, 7) < 0.4
+    blocked[..., 0] = False
+    got = ours(q, k, k, blocked)
+    expect = ref(q.transpose(0, 1), k.transpose(0, 1), k.transpose(0, 1),
+                 attn_mask=blocked.repeat_interleave(4, 0))[0].transpose(0, 1)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    same = ours(q, q, q)  # fused self-attention path
+    expect = ref(q.transpose(0, 1), q.transpose(0, 1), q.transpose(0, 1))[0].transpose(0, 1)
+    torch.testing.assert_close(same, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_key_names_mirror_official():
+    keys = set(_decoder().state_dict())
+    for k in (
+        "RIA_layers.3.multihead_attn.in_proj_weight", "RIA_layers.0.multihead_attn.out_proj.bias",
+        "RIA_layers.0.norm.weight", "RLA_vision.2.self_attn.in_proj_bias", "RLA_vision.0.norm.bias",
+        "transformer_ffn_layers.1.linear1.weight", "transformer_ffn_layers.1.norm.bias",
+        "decoder_norm.weight", "query_feat.weight", "query_embed.weight", "lang_proj.weight",
+        "lang_weight", "RLA_lang_att.multihead_attn.in_proj_weight", "RLA_lang_att.norm.weight",
+        "level_embed.weight", "minimap_embed.weight", "nt_embed.layers.1.bias",
+        "mask_embed.layers.2.weight",
+    ):
+        assert k in keys, k
+    assert "lang_proj.bias" not in keys
+    orig = set(_decoder("original").state_dict())
+    for k in ("RIA_cross_attention.0.multihead_attn.in_proj_weight",
+              "self_attention_layers.0.self_attn.in_proj_weight", "decoder_norm_2.weight",
+              "RLA_proj.weight", "RLA_gate", "RLA_lang.multihead_attn.in_proj_weight",
+              "RLA_region.self_attn.in_proj_weight", "lang_proj.weight"):
+        assert k in orig, k
+    assert not any(k.startswith(("RLA_lang_att", "lang_weight", "RIA_layers")) for k in orig)
+
+
+def test_original_variant_runs_and_uses_language_at_last_layer_only():
+    torch.manual_seed(0)
+    dec = _decoder("original").eval()
+    _perturb(dec)
+    ms, mf, lang = _inputs()
+    out = dec(ms, mf, lang, return_extras=True)
+    assert out.mask_logits.shape == (B, 2, 16, 16)
+    lang2 = lang + 1.0
+    out2 = dec(ms, mf, lang2, return_extras=True)
+    # the queries never see language; minimap / NT do (through the last-layer RLA)
+    torch.testing.assert_close(out.extras["dec_queries"], out2.extras["dec_queries"])
+    torch.testing.assert_close(out.region_masks, out2.region_masks)
+    assert not torch.allclose(out.region_logits, out2.region_logits)
+
+
+def test_input_projection_when_widths_differ():
+    torch.manual_seed(0)
+    dec = _decoder(in_channels=10).eval()
+    out = dec(*_inputs(channels=10))
+    assert out.mask_logits.shape == (B, 2, 16, 16)
+    assert "input_proj.0.weight" in dec.state_dict()
+
+
+def test_backward_reaches_all_parameters():
+    torch.manual_seed(0)
+    dec = _decoder()
+    _perturb(dec)
+    ms, mf, lang = _inputs()
+    out = dec(ms, mf, lang)
+    (out.mask_logits.mean() + out.region_logits.square().mean() + out.nt_logits.square().mean()).backward()
+    for name, p in dec.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="variant"):
+        _decoder("paper")
+    with pytest.raises(ValueError, match="lang_att_layers"):
+        _decoder(lang_att_layers=(7,))
+    dec = _decoder()
+    ms, mf, lang = _inputs()
+    with pytest.raises(ValueError, match="feature levels"):
+        dec(ms[:2], mf, lang)
