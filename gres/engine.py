@@ -591,16 +591,19 @@ class EvalResult:
 
 @torch.no_grad()
 def predict_batch(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward + official post-processing of one batch at the ground-truth resolution.
+    """Forward + official post-processing (:func:`gres.model.postprocess`) at the GT resolution.
 
     Returns:
-        ``(pred_mask (B,S,S) bool, pred_no_target (B,) bool, nt_prob (B,) float)``.
+        ``pred_mask (B,S,S) bool``, ``pred_no_target (B,) bool`` (official argmax rules) and
+        ``nt_prob (B,) float``: the two-class softmax probability of "no target" (the NT head is
+        trained with a softmax cross-entropy, so this is the probability to threshold).
     """
     from gres.model import postprocess
 
     size = tuple(batch.gt_mask.shape[-2:])
     out = model(batch.image, batch.input_ids, batch.text_mask)
-    return postprocess(out, size)
+    pred_mask, pred_nt, _ = postprocess(out, size)
+    return pred_mask, pred_nt, out.nt_logits.float().softmax(-1)[:, 1]
 
 
 def _raw_records(
@@ -860,11 +863,18 @@ def train(
         _check_resume_config(saved, cfg, ckpt)
 
     # ---- data ----------------------------------------------------------------------------------
+    tokenizer = None
     if train_dataset is None:
         train_dataset = build_dataset(cfg, cfg.data.train_split)
+        tokenizer = train_dataset.tokenizer
+        types = getattr(cfg.data, "train_expr_types", None)
+        if types is not None:  # e.g. (0,): classic RES training on single-target expressions
+            keep = np.flatnonzero(np.isin(train_dataset.expr_types, list(types))).tolist()
+            if not keep:
+                raise ValueError(f"data.train_expr_types={types} keeps no training sample")
+            train_dataset = torch.utils.data.Subset(train_dataset, keep)
     if val_dataset is None and tcfg.eval_every > 0:
-        val_dataset = build_dataset(cfg, cfg.data.val_split,
-                                    tokenizer=getattr(train_dataset, "tokenizer", None))
+        val_dataset = build_dataset(cfg, cfg.data.val_split, tokenizer=tokenizer)
 
     # ---- model, optimiser ------------------------------------------------------------------------
     seed_everything(tcfg.seed)

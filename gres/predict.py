@@ -7,10 +7,13 @@
     p.no_target, p.nt_prob, p.minimap (R, R), p.region_masks (P, h, w)
     preds = predictor.predict(["the dog", "the cat"])       # a list, batched
 
-Semantics (spec §4). The mask is the per-pixel argmax of the two mask channels (``logit_1 >
-logit_0``, ties = background), with the 2-channel logits bilinearly resized straight to the
-original image size. "No target" is the argmax of the two NT logits; ``nt_prob`` is its softmax
-probability, so the official rule equals ``nt_prob > 0.5``. Following the paper (not the official
+Semantics (spec §4). The mask is the per-pixel argmax of the sigmoids of the two mask channels
+(ties, e.g. two saturated channels, go to background), with the 2-channel logits bilinearly
+resized straight to the original image size, exactly as :func:`gres.model.postprocess` does at
+480x480. "No target" is the argmax of the sigmoids of the two NT logits. ``nt_prob`` is the
+two-class softmax probability of "no target" (the NT head is trained with a softmax
+cross-entropy), so apart from sigmoid saturation ties the official rule is ``nt_prob > 0.5``.
+(``postprocess`` returns ``sigmoid(nt_logits)[:, 1]`` instead, the official ``nt_label`` channel.) Following the paper (not the official
 evaluator, which keeps the mask), the returned ``mask`` is **empty** when the answer is no-target;
 ``raw_mask`` keeps the model's mask. ``nt_threshold`` / ``mask_threshold`` replace the argmax rules
 by probability thresholds.
@@ -167,7 +170,7 @@ class Predictor:
         device: where to run.
         nt_threshold: no-target iff ``nt_prob >= nt_threshold``; ``None`` = the official argmax.
         mask_threshold: a pixel is target iff ``P(target) >= mask_threshold`` (softmax of the two
-            channels); ``None`` = the official argmax (``logit_1 > logit_0``).
+            channels); ``None`` = the official argmax of the two sigmoids.
         tokenizer: a ``transformers`` tokenizer; default from ``cfg.text``.
         batch_size: expressions per forward pass.
         cache_stem: reuse the expression-independent patch embedding + stage-1 blocks.
@@ -292,8 +295,9 @@ class Predictor:
             out = self.forward(chunk)
             nt_logits = out.nt_logits.float()  # (B, 2)
             nt_prob = nt_logits.softmax(-1)[:, 1]  # (B,)
-            if self.nt_threshold is None:
-                no_target = nt_logits[:, 1] > nt_logits[:, 0]  # argmax, ties -> "target"
+            if self.nt_threshold is None:  # official: argmax of the sigmoids, ties -> target
+                nt_sig = nt_logits.sigmoid()
+                no_target = nt_sig[:, 1] > nt_sig[:, 0]
             else:
                 no_target = nt_prob >= self.nt_threshold
             region_p = out.region_logits.float().softmax(-1)[..., 1]  # (B, P)
@@ -304,11 +308,11 @@ class Predictor:
                     out.mask_logits[k : k + 1].float(), size=(h, w), mode="bilinear",
                     align_corners=False,
                 )[0]  # (2, H, W)
-                diff = logits[1] - logits[0]  # target minus background logit
-                if self.mask_threshold is None:
-                    raw = diff > 0
-                else:
-                    raw = torch.sigmoid(diff) >= self.mask_threshold
+                if self.mask_threshold is None:  # official: argmax of the sigmoids, ties -> 0
+                    sig = logits.sigmoid()
+                    raw = sig[1] > sig[0]
+                else:  # P(target) of the two-class softmax = sigmoid(logit_1 - logit_0)
+                    raw = torch.sigmoid(logits[1] - logits[0]) >= self.mask_threshold
                 raw_np = raw.cpu().numpy()
                 nt = bool(no_target[k])
                 preds.append(
