@@ -53,6 +53,9 @@ class TextConfig:
     intermediate_size: int = 3072  # bert-base: 3072 (random-init only)
     vocab_size: int = 30522  # bert-base-uncased vocabulary (random-init only)
     max_position_embeddings: int = 512  # bert-base (random-init only)
+    # transformers attention backend: "sdpa" (fast) or "eager" (the official vectors were made
+    # with eager; both reproduce them, vectors README §6-7).
+    attn_implementation: str = "sdpa"
     max_tokens: int = 20  # config.py: REFERRING.MAX_TOKENS = 20, including [CLS]/[SEP]
     frozen_layers_from: int = 10  # train_net.py: only encoder.layer[0..9] are optimised
     freeze_embeddings: bool = True  # train_net.py: embeddings not in the optimizer

@@ -21,6 +21,26 @@ from torch import Tensor, nn
 MASK_LOGIT_OFFSET = 1e4
 
 
+
+def _pointwise(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    """A 1x1 ``Conv1d`` applied to channels-last tokens: (B, N, Cin) -> (B, N, Cout).
+
+    Same maths as ``conv(x.transpose(1, 2)).transpose(1, 2)`` without the layout round trip
+    (and without PyTorch's slow 1-D convolution path on CPU).
+    """
+    return F.linear(x, conv.weight.squeeze(-1), conv.bias)
+
+
+def _instance_norm(norm: nn.InstanceNorm1d, x: Tensor) -> Tensor:
+    """``InstanceNorm1d`` (affine=False) over the tokens of channels-last (B, N, C) input.
+
+    Each channel of each sample is normalised over its N tokens with the biased variance, as
+    ``nn.InstanceNorm1d`` does on (B, C, N).
+    """
+    var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)  # (B, 1, C) each
+    return (x - mean) * torch.rsqrt(var + norm.eps)
+
+
 class SpatialImageLanguageAttention(nn.Module):
     """Every visual token attends over the words (LAVT / ReLA ``image_lang_att``).
 
@@ -31,6 +51,9 @@ class SpatialImageLanguageAttention(nn.Module):
 
     The logit scale is ``key_channels ** -0.5`` for any number of heads: the official code scales
     by the full key width, not the per-head width, and we keep that.
+
+    The layers are the official ``nn.Conv1d`` / ``nn.InstanceNorm1d`` modules (same parameter
+    names); they are applied to channels-last tokens, which is the same computation.
     """
 
     def __init__(
@@ -69,29 +92,30 @@ class SpatialImageLanguageAttention(nn.Module):
 
         Args:
             x: (B, HW, Cv) visual tokens.
-            lang: (B, Dt, L) word features (channels first, as Conv1d wants them).
-            word_mask: (B, 1, L) float, 1 for real words, 0 for padding.
+            lang: (B, L, Dt) word features.
+            word_mask: (B, L) float, 1 for real words, 0 for padding.
 
         Returns:
             (B, HW, Cout) attended language features, one vector per visual token.
         """
         B, HW, _ = x.shape
-        L = lang.shape[-1]
+        L = lang.shape[1]
         nh = self.num_heads
-        query = self.f_query(x.transpose(1, 2))  # (B, Ck, HW)
-        key = self.f_key(lang) * word_mask  # (B, Ck, L)
-        value = self.f_value(lang) * word_mask  # (B, Cv, L)
-        query = query.reshape(B, nh, self.key_channels // nh, HW).transpose(2, 3)  # (B, nh, HW, dk)
-        key = key.reshape(B, nh, self.key_channels // nh, L)  # (B, nh, dk, L)
-        value = value.reshape(B, nh, self.value_channels // nh, L)  # (B, nh, dv, L)
+        dk, dv = self.key_channels // nh, self.value_channels // nh
+        m = word_mask.unsqueeze(-1)  # (B, L, 1)
+        query = _instance_norm(self.f_query[1], _pointwise(self.f_query[0], x))  # (B, HW, Ck)
+        key = _pointwise(self.f_key[0], lang) * m  # (B, L, Ck)
+        value = _pointwise(self.f_value[0], lang) * m  # (B, L, Cv)
+        query = query.view(B, HW, nh, dk).transpose(1, 2)  # (B, nh, HW, dk)
+        key = key.view(B, L, nh, dk).permute(0, 2, 3, 1)  # (B, nh, dk, L)
+        value = value.view(B, L, nh, dv).transpose(1, 2)  # (B, nh, L, dv)
 
         logits = torch.matmul(query, key) * self.key_channels**-0.5  # (B, nh, HW, L)
-        logits = logits + (MASK_LOGIT_OFFSET * word_mask.unsqueeze(1) - MASK_LOGIT_OFFSET)
-        attn = F.softmax(logits, dim=-1)
-        out = torch.matmul(attn, value.transpose(2, 3))  # (B, nh, HW, dv)
-        out = out.transpose(1, 2).reshape(B, HW, self.value_channels)  # (B, HW, Cv)
-        out = self.W(out.transpose(1, 2))  # (B, Cout, HW)
-        return out.transpose(1, 2)  # (B, HW, Cout)
+        pad_bias = MASK_LOGIT_OFFSET * word_mask - MASK_LOGIT_OFFSET  # (B, L): 0 real, -1e4 pad
+        attn = F.softmax(logits + pad_bias[:, None, None, :], dim=-1)
+        out = torch.matmul(attn, value)  # (B, nh, HW, dv)
+        out = out.transpose(1, 2).reshape(B, HW, self.value_channels)  # heads concatenated
+        return _instance_norm(self.W[1], _pointwise(self.W[0], out))  # (B, HW, Cout)
 
 
 class PWAM(nn.Module):
@@ -122,13 +146,14 @@ class PWAM(nn.Module):
 
         Args:
             x: (B, HW, C) Swin tokens after the stage's blocks.
-            lang: (B, Dt, L) word features.
-            word_mask: (B, 1, L) float, 1 for real words.
+            lang: (B, L, Dt) word features.
+            word_mask: (B, L) float, 1 for real words.
 
         Returns:
             (B, HW, C) multimodal tokens (``x_residual`` in the official code).
         """
-        vis = self.vis_project(x.transpose(1, 2))  # (B, C, HW)
-        lang_att = self.image_lang_att(x, lang, word_mask).transpose(1, 2)  # (B, C, HW)
-        mm = self.project_mm(vis * lang_att)  # (B, C, HW)
-        return mm.transpose(1, 2)  # (B, HW, C)
+        conv, act, drop = self.vis_project
+        vis = drop(act(_pointwise(conv, x)))  # (B, HW, C)
+        lang_att = self.image_lang_att(x, lang, word_mask)  # (B, HW, C)
+        conv, act, drop = self.project_mm
+        return drop(act(_pointwise(conv, vis * lang_att)))  # (B, HW, C)
