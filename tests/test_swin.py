@@ -213,7 +213,9 @@ def test_swin_b_key_layout_matches_timm(tmp_path):
     assert torch.equal(
         ours.layers[2].downsample.reduction.weight, timm_sd["layers.3.downsample.reduction.weight"]
     )
-    assert torch.equal(ours.layers[2].blocks[17].mlp.fc2.bias, timm_sd["layers.2.blocks.17.mlp.fc2.bias"])
+    assert torch.equal(
+        ours.layers[2].blocks[17].mlp.fc2.bias, timm_sd["layers.2.blocks.17.mlp.fc2.bias"]
+    )
 
     # Microsoft layout: downsample at the end of stage s, persistent index/mask buffers, head.
     ms = {}

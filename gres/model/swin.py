@@ -396,7 +396,9 @@ class MultiModalStage(nn.Module):
             )
             for i in range(depth)
         )
-        self.fusion = PWAM(dim=dim, lang_dim=lang_dim, num_heads=fusion_heads) if use_fusion else None
+        self.fusion = (
+            PWAM(dim=dim, lang_dim=lang_dim, num_heads=fusion_heads) if use_fusion else None
+        )
         if downsample:
             self.downsample: PatchMerging | None = PatchMerging(dim=dim)
             if use_fusion:
