@@ -767,6 +767,7 @@ class TrainResult:
     eval_history: list[dict[str, Any]] = field(default_factory=list)  # periodic evaluations
     final_eval: EvalResult | None = None  # evaluation at the end (when eval_every > 0)
     resumed_from: int = 0  # iteration the run resumed from (0 = fresh)
+    train_samples: int = 0  # size of the training set (after data.train_expr_types)
     seconds: float = 0.0  # wall time of this call (reporting only, never a budget)
 
 
@@ -910,6 +911,8 @@ def train(
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoint_dir(run_dir).glob(".tmp-*"):  # left by a killed checkpoint write
+            shutil.rmtree(stale, ignore_errors=True)
         atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=1))
         _truncate_log(run_dir / "log.jsonl", start_iter)
     _barrier(info)
@@ -942,7 +945,8 @@ def train(
     eval_history: list[dict[str, Any]] = []
     result = TrainResult(run_dir=run_dir, iterations=start_iter, samples_seen=start_iter * tcfg.batch_size,
                          final_weights=None, last_checkpoint=ckpt if resume else None,
-                         history=history, eval_history=eval_history, resumed_from=start_iter)
+                         history=history, eval_history=eval_history, resumed_from=start_iter,
+                         train_samples=len(train_dataset))
 
     def make_state(it: int) -> dict[str, Any]:
         return {
