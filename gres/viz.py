@@ -167,9 +167,16 @@ def _draw_mask(ax: plt.Axes, mask: np.ndarray, color: str, extent: tuple, name: 
         cs.set_gid(f"{name}-contour")
 
 
+def _legend_handles() -> list[Patch]:
+    return [Patch(facecolor=to_rgba(GT_COLOR, OVERLAY_ALPHA), edgecolor=GT_COLOR,
+                  label="ground truth"),
+            Patch(facecolor=to_rgba(PRED_COLOR, OVERLAY_ALPHA), edgecolor=PRED_COLOR,
+                  label="prediction")]
+
+
 def _badge(ax: plt.Axes, text: str, color: str, slot: int, name: str) -> None:
     t = ax.text(
-        0.03, 0.97 - 0.13 * slot, text, transform=ax.transAxes, ha="left", va="top", fontsize=8,
+        0.03, 0.97 - 0.12 * slot, text, transform=ax.transAxes, ha="left", va="top", fontsize=7,
         fontweight="bold", color="white", zorder=10,
         bbox=dict(boxstyle="round,pad=0.25", facecolor=color, edgecolor="white", linewidth=0.8),
     )
@@ -233,12 +240,8 @@ def overlay(
     if legend is None:
         legend = gt is not None and pred is not None
     if legend:
-        handles = [Patch(facecolor=to_rgba(GT_COLOR, OVERLAY_ALPHA), edgecolor=GT_COLOR,
-                         label="ground truth"),
-                   Patch(facecolor=to_rgba(PRED_COLOR, OVERLAY_ALPHA), edgecolor=PRED_COLOR,
-                         label="prediction")]
-        ax.legend(handles=handles, loc="lower right", fontsize=7, frameon=True, framealpha=0.8,
-                  handlelength=1.0, borderpad=0.3)
+        ax.legend(handles=_legend_handles(), loc="lower right", fontsize=7, frameon=True,
+                  framealpha=0.8, handlelength=1.0, borderpad=0.3)
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_axis_off()
@@ -304,6 +307,7 @@ def show_grid(
     panel = panel or FULL / ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(panel * ncols, panel * nrows * 1.12),
                              squeeze=False)
+    has_pred = False
     for i, ax in enumerate(axes.flat):
         if i >= n:
             ax.set_axis_off()
@@ -319,10 +323,15 @@ def show_grid(
                 kw["pred_mask"] = p
         if titles is not None:
             kw["title"] = titles[i]
-        overlay(ax=ax, wrap=wrap, **kw)
+        overlay(ax=ax, wrap=wrap, legend=False, **kw)
+        has_pred = has_pred or kw.get("pred_mask") is not None
     if suptitle:
         fig.suptitle(suptitle)
     fig.tight_layout()
+    if has_pred:  # one legend for the whole grid, below the panels
+        fig.legend(handles=_legend_handles(), loc="lower center", ncol=2, frameon=False,
+                   bbox_to_anchor=(0.5, 0.0))
+        fig.subplots_adjust(bottom=max(fig.subplotpars.bottom, 0.35 / (panel * nrows * 1.12)))
     return fig
 
 
