@@ -350,6 +350,19 @@ def test_init_follows_official():
     assert dp[0] == 0.0 and abs(dp[-1] - 0.3) < 1e-6 and dp == sorted(dp)
 
 
+def test_zero_gates_get_no_gradient():
+    """Official init quirk: both gate matrices at zero form a saddle with zero gradient."""
+    torch.manual_seed(0)
+    model = tiny_swin()
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    out = model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 32), mask)
+    sum(v.square().mean() for v in out.values()).backward()
+    for layer in model.layers[:3]:
+        assert layer.res_gate[0].weight.grad.abs().sum() == 0
+        assert layer.res_gate[2].weight.grad.abs().sum() == 0
+    assert model.layers[0].fusion.project_mm[0].weight.grad.abs().sum() > 0
+
+
 def test_shapes_gradients_and_determinism():
     torch.manual_seed(0)
     model = tiny_swin(drop_path_rate=0.2)

@@ -35,10 +35,12 @@ def _instance_norm(norm: nn.InstanceNorm1d, x: Tensor) -> Tensor:
     """``InstanceNorm1d`` (affine=False) over the tokens of channels-last (B, N, C) input.
 
     Each channel of each sample is normalised over its N tokens with the biased variance, as
-    ``nn.InstanceNorm1d`` does on (B, C, N).
+    ``nn.InstanceNorm1d`` does on (B, C, N). Statistics are taken in float32 even under
+    fp16/bf16 autocast (the official module runs its normalisation in fp32 there).
     """
-    var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)  # (B, 1, C) each
-    return (x - mean) * torch.rsqrt(var + norm.eps)
+    x32 = x.float()
+    var, mean = torch.var_mean(x32, dim=1, keepdim=True, correction=0)  # (B, 1, C) each
+    return ((x32 - mean) * torch.rsqrt(var + norm.eps)).to(x.dtype)
 
 
 class SpatialImageLanguageAttention(nn.Module):

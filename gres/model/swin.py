@@ -23,6 +23,11 @@ weights are zeros. In the paper setting the Swin weights then come from ImageNet
 (:func:`load_pretrained_swin`), and only the fusion modules, the gates and ``norm0..3`` start
 from this init.
 
+Note on the gate (official behaviour, kept): with both gate matrices at zero, the gradient of
+each one is a product with the other (``dW2 ~ relu(W1 r) = 0``, ``dW1 ~ W2^T ... = 0``), so
+training from this init never opens the gate: the multimodal tokens reach the next stage only if
+the gate weights start non-zero (e.g. loaded from a checkpoint, as in the test vectors).
+
 Pretrained weights: :func:`timm_swin_to_ours` maps a timm (or Microsoft-original) Swin state dict
 onto this module; :func:`load_pretrained_swin` loads one from timm's hub or from a local file.
 """
