@@ -152,18 +152,25 @@ def config_for_checkpoint(
 ) -> ExperimentConfig:
     """The experiment config that goes with ``weights``.
 
-    Order: the run's ``config.json``; else ``preset`` (default ``rela-swin-b``) with the model
-    config stored in the weights' metadata, if any.
-    """
-    from gres.engine import read_weights_config
+    Order: an explicit ``preset``; the run's ``config.json``; the config stored with the weights
+    (an :class:`ExperimentConfig`, or a :class:`ModelConfig` on top of the ``rela-swin-b`` preset).
 
-    if run_dir is not None and preset is None:
+    Raises:
+        ValueError: no preset given and no config stored with the weights.
+    """
+    from gres.checkpoint import read_config
+
+    if preset is not None:
+        return preset_config(preset)
+    if run_dir is not None:
         return from_dict(ExperimentConfig, json.loads((run_dir / "config.json").read_text()))
-    cfg = preset_config(preset or "rela-swin-b")
-    stored = read_weights_config(weights)
-    if stored is not None and preset is None:
-        cfg = dataclasses.replace(cfg, model=stored)
-    return cfg
+    try:
+        stored = read_config(weights)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; pass --preset NAME to give the architecture") from None
+    if isinstance(stored, ModelConfig):
+        return dataclasses.replace(preset_config("rela-swin-b"), model=stored)
+    return stored
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,8 +213,8 @@ def _load_model(args: argparse.Namespace):
     if getattr(args, "data_root", None) is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.data_root))
     cfg = apply_overrides(cfg, args.set)
-    device = resolve_device(args.device)
-    model = prepare_model(cfg)
+    device = resolve_device(args.device or cfg.train.device)
+    model = prepare_model(cfg, load_pretrained=False)  # every weight comes from the file
     load_weights(model, weights)
     return model.to(device).eval(), cfg, device, weights, run_dir
 
@@ -262,8 +269,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from gres.convert import convert_official_checkpoint
 
     cfg = apply_overrides(preset_config(args.preset), args.set)
-    report = convert_official_checkpoint(args.official, cfg.model, args.out)
-    print(report if isinstance(report, str) else f"converted {args.official} -> {args.out}")
+    report = convert_official_checkpoint(
+        args.official, cfg, args.out,
+        use_stored_lang_weight=args.use_stored_lang_weight, trust_pickle=args.trust_pickle,
+    )
+    print(report.describe() if hasattr(report, "describe") else report)
+    print(f"converted {args.official} -> {args.out} (config: preset {args.preset})")
     return 0
 
 
@@ -336,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--official", required=True, help="official checkpoint (.pth / .pkl)")
     p.add_argument("--preset", default="rela-swin-b", help=f"target config preset: {presets}")
     p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--use-stored-lang-weight", action="store_true",
+                   help="load lang_weight from the file (the official loader leaves it at 0.0)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow full unpickling of .pkl / non-weights-only files (runs code!)")
     common(p, device=False)
     p.set_defaults(func=cmd_convert)
     return parser

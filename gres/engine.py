@@ -363,11 +363,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def prepare_model(cfg: ExperimentConfig) -> nn.Module:
-    """``build_model(cfg.model)`` with the recipe's text-encoder freezing applied."""
+def prepare_model(cfg: ExperimentConfig, load_pretrained: bool = True) -> nn.Module:
+    """``build_model(cfg.model)`` with the recipe's text-encoder freezing applied.
+
+    Args:
+        cfg: the experiment config (model + ``train.freeze_text_encoder``).
+        load_pretrained: load the Swin / BERT weights the config names; False when every weight
+            comes from a checkpoint anyway (evaluation, prediction, resuming: no download).
+    """
     from gres.model import build_model
 
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, load_pretrained=load_pretrained)
     freeze_text_encoder(
         model,
         frozen_layers_from=cfg.model.text.frozen_layers_from,
@@ -879,7 +885,7 @@ def train(
 
     # ---- model, optimiser ------------------------------------------------------------------------
     seed_everything(tcfg.seed)
-    model = prepare_model(cfg).to(dev)
+    model = prepare_model(cfg, load_pretrained=not (resume and ckpt is not None)).to(dev)
     if use_amp:
         apply_fp32_modules(model, tcfg.fp32_modules)
     from gres.losses import GRESCriterion

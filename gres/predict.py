@@ -217,7 +217,7 @@ class Predictor:
 
         weights, run_dir = resolve_checkpoint(checkpoint)
         cfg = config_for_checkpoint(weights, run_dir, preset)
-        model = prepare_model(cfg)
+        model = prepare_model(cfg, load_pretrained=False)  # all weights come from the file
         load_weights(model, weights)
         return cls(model, cfg.model, device=resolve_device(device), **kw)
 
