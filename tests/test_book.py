@@ -24,6 +24,7 @@ SMOKE = book.load_params("smoke")
 
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory) -> Path:
+    book.ensure_synthetic("smoke")  # as `python -m gres.book --mode smoke` does first
     return tmp_path_factory.mktemp("book-build")
 
 

@@ -120,6 +120,8 @@ def test_show_grid_from_dataset_samples(scene):
     assert len(fig.axes) == 4  # 2 x 2, last panel blank
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[:3] == ["“left square”", "“the blue dog”", "“all squares”"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ground truth", "prediction"]
+    assert all(ax.get_legend() is None for ax in fig.axes)  # one legend for the whole grid
     badges = {a.get_gid(): a.get_text() for a in fig.axes[1].texts if a.get_gid()}
     assert badges == {"badge-gt": "GT: no target", "badge-pred": "pred: no target"}
     with pytest.raises(ValueError, match="predictions"):
