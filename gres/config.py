@@ -290,7 +290,75 @@ def rela_swin_t() -> ExperimentConfig:
     )
 
 
+def official_tiny_vectors() -> ExperimentConfig:
+    """The reduced official configuration of the test vectors (rela_official_tiny/public).
+
+    Same code paths as the paper model with small widths: Swin 24 / [2,2,2,2] / [1,2,4,8] /
+    window 12, a 1-layer random BERT (hidden 768, FFN 128, 512-word vocabulary, 32 positions),
+    pixel decoder 64 / 2 layers / 4 heads, ReLA 64 / 4 heads / FFN 128 / 4 layers, 480x480.
+    ``gres.convert.config_from_official`` derives the same config from the set's
+    ``official_config.json``.
+    """
+    return ExperimentConfig(
+        name="official-tiny-vectors",
+        model=ModelConfig(
+            swin=SwinConfig(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
+            text=TextConfig(
+                name_or_path=None,
+                num_layers=1,
+                intermediate_size=128,
+                vocab_size=512,
+                max_position_embeddings=32,
+                attn_implementation="eager",
+            ),
+            pixel_decoder=PixelDecoderConfig(conv_dim=64, mask_dim=64, num_layers=2, num_heads=4),
+            decoder=DecoderConfig(hidden_dim=64, num_heads=4, ffn_dim=128, num_layers=4),
+        ),
+        data=DataConfig(dataset="synthetic", root="data/synthetic-tiny"),
+    )
+
+
+def tiny_test() -> ExperimentConfig:
+    """A seconds-fast model for unit tests: every code path, tiny widths, 64x64 input.
+
+    Swin 16 / [1,1,1,1] / window 4, a 2-layer random BERT of width 32 over the bert-base-uncased
+    vocabulary (tokenised with the packaged MiniLM tokenizer), pixel decoder and ReLA width 32,
+    a 4x4 minimap (P = 16).
+    """
+    return ExperimentConfig(
+        name="tiny-test",
+        model=ModelConfig(
+            image_size=64,
+            swin=SwinConfig(
+                embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4,
+                drop_path_rate=0.1,
+            ),
+            text=TextConfig(
+                name_or_path=None,
+                tokenizer="minilm",
+                hidden_size=32,
+                num_layers=2,
+                num_heads=2,
+                intermediate_size=37,
+                max_position_embeddings=64,
+                frozen_layers_from=1,
+            ),
+            pixel_decoder=PixelDecoderConfig(
+                conv_dim=32, mask_dim=32, num_layers=1, num_heads=4, num_points=2, ffn_dim=64,
+                norm_groups=8,
+            ),
+            decoder=DecoderConfig(hidden_dim=32, num_heads=4, ffn_dim=64, num_layers=3,
+                                  region_grid=4),
+        ),
+        data=DataConfig(dataset="synthetic", root="data/synthetic-tiny", image_size=64),
+        train=TrainConfig(batch_size=4, max_iters=4, lr=1e-4, lr_schedule="cosine", amp=False,
+                          checkpoint_every=2, eval_every=2, log_every=1),
+    )
+
+
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "rela-swin-b": rela_swin_b,
     "rela-swin-t": rela_swin_t,
+    "official-tiny-vectors": official_tiny_vectors,
+    "tiny-test": tiny_test,
 }

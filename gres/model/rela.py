@@ -324,8 +324,9 @@ class ReLADecoder(nn.Module):
             lang_feats: (B, L, Dt) text features (padding positions included, unmasked).
             return_extras: record intermediates in ``extras`` (keys of the official vectors).
             forced_attn_masks: teacher forcing; per layer a (B, P, H_l·W_l) bool mask
-                (True = blocked) used instead of the computed one (the computed masks are
-                still reported in ``extras``).
+                (True = blocked) used instead of the computed one, or None to keep the computed
+                one (the computed masks are still reported in ``extras``, and the logits they
+                threshold as ``dec_attn_logits{i}``).
 
         Returns:
             :class:`DecoderOutput`.
@@ -361,7 +362,8 @@ class ReLADecoder(nn.Module):
                 ex.setdefault(name, []).append(value.detach())
 
         heads = self._heads(output, output, mask_features, need_masks=return_extras)
-        blocked = self._attn_mask(heads["embed"], small_features[0])
+        logits = self._attn_logits(heads["embed"], small_features[0])
+        blocked = logits.sigmoid() < 0.5  # (B, P, h*w) True = blocked
         record("dec_pred_logits", heads["region_logits"])
         record("dec_nt_label", heads["nt_logits"])
         if return_extras:
@@ -372,8 +374,9 @@ class ReLADecoder(nn.Module):
             full_rows = blocked.all(-1)  # (B, P) rows that would block every pixel
             blocked = blocked & ~full_rows[..., None]  # official fix: unblock them entirely
             record(f"dec_attn_mask{i}", blocked)
+            record(f"dec_attn_logits{i}", logits)
             record("dec_attn_full_rows", full_rows.sum().view(1))
-            if forced_attn_masks is not None:
+            if forced_attn_masks is not None and forced_attn_masks[i] is not None:
                 blocked = forced_attn_masks[i].to(device=blocked.device, dtype=torch.bool)
             if self.variant == "main":
                 output, rla_out = self._layer_main(i, output, src[lvl], pos[lvl], query_pos,
@@ -388,11 +391,14 @@ class ReLADecoder(nn.Module):
             if return_extras:
                 record("dec_pred_masks", heads["mask_logits"])
             if not last:
-                blocked = self._attn_mask(heads["embed"], small_features[(i + 1) % self.num_levels])
+                logits = self._attn_logits(heads["embed"], small_features[(i + 1) % self.num_levels])
+                blocked = logits.sigmoid() < 0.5
 
         extras: dict[str, Tensor] = {}
         for name, values in ex.items():
-            if name.startswith("dec_attn_mask") or name in ("dec_rla_lang_att_out", "dec_after_lang"):
+            if name.startswith("dec_attn_") and name != "dec_attn_full_rows" or name in (
+                "dec_rla_lang_att_out", "dec_after_lang"
+            ):
                 extras[name] = values[0]
             else:
                 extras[name] = torch.cat(values) if values[0].dim() == 1 else torch.stack(values)
@@ -460,15 +466,16 @@ class ReLADecoder(nn.Module):
         return out
 
     @torch.no_grad()
-    def _attn_mask(self, embed: Tensor, small_features: Tensor) -> Tensor:
-        """Blocked positions for the next RIA: ``sigmoid(resized M_r) < 0.5``.
+    def _attn_logits(self, embed: Tensor, small_features: Tensor) -> Tensor:
+        """Region-mask logits at the next level's size (``bilinear(M_r)``, detached).
+
+        The next RIA blocks ``sigmoid(logits) < 0.5``.
 
         Args:
             embed: (B, P, Cm) region embeddings.
             small_features: (B, Cm, h, w) mask features resized to the next level.
 
         Returns:
-            (B, P, h·w) bool, True = blocked.
+            (B, P, h·w).
         """
-        logits = torch.einsum("bqc,bchw->bqhw", embed, small_features)  # (B, P, h, w)
-        return logits.flatten(2).sigmoid() < 0.5
+        return torch.einsum("bqc,bchw->bqhw", embed, small_features).flatten(2)  # (B, P, h*w)
