@@ -774,6 +774,7 @@ class TrainResult:
     final_eval: EvalResult | None = None  # evaluation at the end (when eval_every > 0)
     resumed_from: int = 0  # iteration the run resumed from (0 = fresh)
     train_samples: int = 0  # size of the training set (after data.train_expr_types)
+    model: nn.Module | None = None  # the trained model (unwrapped, on its device, train mode)
     seconds: float = 0.0  # wall time of this call (reporting only, never a budget)
 
 
@@ -1056,6 +1057,7 @@ def train(
 
     result.iterations = it
     result.samples_seen = it * tcfg.batch_size
+    result.model = model
     if it >= total_iters:
         checkpoint(it)
         if info.is_main:
