@@ -350,6 +350,20 @@ def test_init_follows_official():
     assert dp[0] == 0.0 and abs(dp[-1] - 0.3) < 1e-6 and dp == sorted(dp)
 
 
+@pytest.mark.parametrize("window", [4, 8])
+def test_training_and_inference_attention_paths_agree(window):
+    """Grad-enabled forward (explicit softmax) == no-grad forward (fused SDPA for big windows)."""
+    torch.manual_seed(0)
+    model = tiny_swin(window_size=window).eval()
+    images = torch.randn(2, 3, 96, 64)
+    lang, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        fused = model(images, lang, mask)
+    explicit = model(images, lang, mask)
+    for key in fused:
+        assert rel_err(explicit[key].detach(), fused[key]) < 1e-5, key
+
+
 def test_zero_gates_get_no_gradient():
     """Official init quirk: both gate matrices at zero form a saddle with zero gradient."""
     torch.manual_seed(0)

@@ -48,6 +48,8 @@ from gres.model.fusion import PWAM
 
 # swin.py (MMBasicLayer): logit added between tokens of different regions of a shifted window.
 SHIFT_MASK_VALUE = -100.0
+# Windows with at least this many tokens (7x7) use F.scaled_dot_product_attention at inference.
+_FUSED_MIN_TOKENS = 49
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,22 +210,33 @@ class WindowAttention(nn.Module):
         C = C3 // 3
         q, k, v = qkv.view(BW, N, 3, nh, C // nh).permute(2, 0, 3, 1, 4).unbind(0)  # (BW,nH,N,hd)
         bias = self.relative_position_bias().unsqueeze(0)  # (1, nH, N, N)
+        needs_grad = torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)
+        if needs_grad or N < _FUSED_MIN_TOKENS:
+            # Training: PyTorch's fused CPU kernel does not cover a mask that needs a gradient
+            # (the bias table) and falls back to a slower path; the explicit softmax is faster,
+            # and also for small windows (measured on CPU, torch 2.13).
+            logits = (q * (C // nh) ** -0.5) @ k.transpose(-2, -1) + bias  # (B*nW, nH, N, N)
+            if shift_mask is not None:
+                nW = shift_mask.shape[0]
+                logits = logits.view(BW // nW, nW, nh, N, N) + shift_mask.unsqueeze(1)
+                logits = logits.view(BW, nh, N, N)
+            out = logits.softmax(dim=-1) @ v  # (B*nW, nH, N, hd)
+            return out.transpose(1, 2).reshape(BW, N, C)
         if shift_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B*nW, nH, N, hd)
             return out.transpose(1, 2).reshape(BW, N, C)
         nW = shift_mask.shape[0]
         mask = bias + shift_mask.unsqueeze(1)  # (nW, nH, N, N)
-        # One call per image keeps the mask a plain contiguous 4-D tensor (what the fused CPU
-        # kernel wants) without materialising it B times; cat of the transposed outputs is the
-        # only copy.
+        # Inference: one fused call per image keeps the mask a plain contiguous 4-D tensor (what
+        # the fused CPU kernel wants) without materialising it B times; cat of the transposed
+        # outputs is the only copy.
         outs = [
             F.scaled_dot_product_attention(
                 q[i : i + nW], k[i : i + nW], v[i : i + nW], attn_mask=mask
             ).transpose(1, 2)  # (nW, N, nH, hd)
             for i in range(0, BW, nW)
         ]
-        out = outs[0].reshape(BW, N, C) if len(outs) == 1 else torch.cat(outs).view(BW, N, C)
-        return out
+        return outs[0].reshape(BW, N, C) if len(outs) == 1 else torch.cat(outs).view(BW, N, C)
 
     def forward(self, x: Tensor, shift_mask: Tensor | None = None) -> Tensor:
         """Windowed self-attention: (B * nW, N, C) -> (B * nW, N, C) (qkv, attend, proj)."""
