@@ -847,9 +847,9 @@ def train(
     run_dir = Path(run_dir)
     dev = resolve_device(str(device) if device is not None else tcfg.device,
                          int(os.environ.get("LOCAL_RANK", 0)))
-    info = init_distributed(dev)
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+        torch.cuda.set_device(dev)  # before NCCL initialisation
+    info = init_distributed(dev)
     if tcfg.batch_size % info.world_size:
         raise ValueError(
             f"TrainConfig.batch_size={tcfg.batch_size} is the total over processes and must be "
@@ -1024,7 +1024,7 @@ def train(
             if it % tcfg.log_every == 0 or it == total_iters:
                 means = {k: v / window_n for k, v in window.items()}
                 if info.enabled:
-                    vec = torch.tensor(list(means.values()), dtype=torch.float64)
+                    vec = torch.tensor(list(means.values()), dtype=torch.float64, device=dev)
                     dist.all_reduce(vec)
                     means = dict(zip(means, (vec / info.world_size).tolist()))
                 dt = time.perf_counter() - t_window

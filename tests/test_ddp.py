@@ -1,7 +1,7 @@
 """Two-process DDP on CPU (gloo): training runs, ranks stay in sync, merged metrics are exact.
 
-The processes are started with ``torch.multiprocessing.spawn`` (what ``torchrun`` would do, minus
-the launcher): each joins a gloo group, then calls :func:`gres.engine.train`, which wraps the
+The processes are started with ``torch.multiprocessing`` (what ``torchrun`` would do, minus the
+launcher; forked so that they inherit the parent's imports): each joins a gloo group, then calls :func:`gres.engine.train`, which wraps the
 model in DDP, shards the data, and evaluates the final model on disjoint shards of ``val``.
 """
 
@@ -76,7 +76,13 @@ def test_two_process_training_and_exact_merged_evaluation(tmp_path):
     data_root = tmp_path / "synthetic-tiny"
     generate(data_root, "tiny", seed=0, progress=False)
     run = tmp_path / "ddp-run"
-    mp.spawn(_worker, args=(2, _free_port(), str(data_root), str(run)), nprocs=2, join=True)
+    cfg = _cfg(str(data_root))
+    # Build once here so that the forked workers inherit the imported modules (transformers'
+    # lazy imports dominate a cold start) and the tokenizer.
+    val = engine.build_dataset(cfg, "val")
+    model = engine.prepare_model(cfg, load_pretrained=False)
+    mp.start_processes(_worker, args=(2, _free_port(), str(data_root), str(run)), nprocs=2,
+                       join=True, start_method="fork")
 
     r0 = json.loads((run / "rank0.json").read_text())
     r1 = json.loads((run / "rank1.json").read_text())
@@ -97,10 +103,8 @@ def test_two_process_training_and_exact_merged_evaluation(tmp_path):
     assert sum(r["kind"] == "train" for r in log) == 2
 
     # Merged metrics == a single-process evaluation of the same weights, exactly.
-    cfg = _cfg(str(data_root))
-    model = engine.prepare_model(cfg, load_pretrained=False)
     engine.load_weights(model, run / "model_final.safetensors")
-    single = engine.evaluate(model, engine.build_dataset(cfg, "val"), batch_size=7, progress=False)
+    single = engine.evaluate(model, val, batch_size=7, progress=False)
     assert _nan_equal(r0["final_eval"], single.metrics)
     for name, m in single.per_type.items():
         assert _nan_equal(r0["per_type"][name], m)
