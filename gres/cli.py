@@ -5,7 +5,8 @@ Examples::
     gres train --preset tiny-test --data-root data/synthetic-tiny --out runs/tiny
     gres train --preset tiny-test --data-root data/synthetic-tiny --out runs/tiny --resume
     gres train --preset rela-swin-b --data-root datasets --out runs/swin-b --set train.lr=1e-4
-    torchrun --nproc_per_node 8 -m gres.cli train --preset rela-swin-b --data-root datasets --out runs/b
+    torchrun --nproc_per_node 8 -m gres.cli train --preset rela-swin-b --data-root datasets \\
+        --out runs/rela-swin-b
     gres eval --checkpoint runs/tiny --split val
     gres predict --image photo.jpg --expression "the two dogs on the left" \\
         --checkpoint ckpt.safetensors --out overlay.png
@@ -22,11 +23,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from gres.config import PRESETS, ExperimentConfig, ModelConfig, from_dict, to_dict
+from gres.config import PRESETS, ExperimentConfig, ModelConfig, from_dict
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,7 +68,8 @@ def _coerce(value: str, current: Any, annotation: str, key: str) -> Any:
         if base == "float" or isinstance(current, float):
             return float(text)
     except ValueError:
-        raise ValueError(f"--set {key}: cannot parse {value!r} as {base or type(current).__name__}") from None
+        kind = base or type(current).__name__
+        raise ValueError(f"--set {key}: cannot parse {value!r} as {kind}") from None
     return text
 
 
@@ -143,7 +146,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
         latest = latest_checkpoint(p)
         if latest is not None:
             return latest / "model.safetensors", p
-        raise FileNotFoundError(f"no model weights in {p} (no model_final.safetensors, no checkpoint)")
+        raise FileNotFoundError(
+            f"no model weights in {p} (no model_final.safetensors, no checkpoint)")
     raise FileNotFoundError(f"checkpoint not found: {p}")
 
 
@@ -194,7 +198,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gres.engine import current_dist
 
     if current_dist().is_main:
-        print(f"trained {result.iterations} iterations ({result.samples_seen} samples) -> {args.out}")
+        n, s = result.iterations, result.samples_seen
+        print(f"trained {n} iterations ({s} samples) -> {args.out}")
         if result.final_weights is not None:
             print(f"final weights: {result.final_weights}")
         if result.final_eval is not None:
@@ -206,6 +211,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _load_model(args: argparse.Namespace):
     """Model + config + device for ``eval`` / ``predict``."""
+    import torch
+
     from gres.engine import load_weights, prepare_model, resolve_device
 
     weights, run_dir = resolve_checkpoint(args.checkpoint)
@@ -213,14 +220,16 @@ def _load_model(args: argparse.Namespace):
     if getattr(args, "data_root", None) is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.data_root))
     cfg = apply_overrides(cfg, args.set)
-    device = resolve_device(args.device or cfg.train.device)
+    device = resolve_device(args.device or cfg.train.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # one GPU per process under torchrun
     model = prepare_model(cfg, load_pretrained=False)  # every weight comes from the file
     load_weights(model, weights)
     return model.to(device).eval(), cfg, device, weights, run_dir
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gres.engine import build_dataset, current_dist, evaluate, init_distributed
+    from gres.engine import build_dataset, evaluate, init_distributed
     from gres.metrics import format_metrics
 
     model, cfg, device, weights, run_dir = _load_model(args)
@@ -236,7 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         desc=f"eval {args.split}",
     )
-    if info.is_main and current_dist().is_main:
+    if info.is_main:
         out = Path(args.out) if args.out else (run_dir / "eval" if run_dir else Path("eval"))
         paths = result.save(out, prefix=f"{args.split}_")
         print(f"{args.split} ({result.num_samples} samples, {weights}):")
@@ -299,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="cpu, cuda, cuda:1 ... (default: the config's, auto)")
 
     p = sub.add_parser("train", help="train a model (torchrun-aware)",
-                       description="Train with a preset's recipe; iteration budget from the config.")
+                       description="Train with a preset's recipe (iteration budget from the "
+                       "config; under torchrun: DDP).")
     p.add_argument("--preset", required=True, help=f"config preset: {presets}")
     p.add_argument("--data-root", default=None, help="dataset root (default: the preset's)")
     p.add_argument("--out", required=True, help="run folder (config, log, checkpoints)")

@@ -3,9 +3,9 @@
 Public API:
 
 * :func:`train` ``(cfg, run_dir, resume=False, hook=None, ...) -> TrainResult``: iteration-budgeted
-  training (``TrainConfig.max_iters`` or ``max_samples``, never wall time) with tqdm progress, a JSONL
-  log (losses, learning rate, gradient norm, periodic metrics), ``config.json`` beside the run,
-  atomic checkpoints and bitwise-exact resumption on CPU. Runs under ``torchrun`` with DDP.
+  training (``TrainConfig.max_iters`` or ``max_samples``, never wall time) with tqdm progress, a
+  JSONL log (losses, learning rate, gradient norm, periodic metrics), ``config.json`` beside the
+  run, atomic checkpoints and bitwise-exact resumption on CPU. Runs under ``torchrun`` with DDP.
 * :func:`evaluate` ``(model, dataset, ...) -> EvalResult``: the official evaluator
   (:class:`gres.metrics.GRESMetrics`) over a split, overall and per expression type, plus one
   record per sample (I, U, IoU, no-target decision and probability) saved as CSV and JSONL.
@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from gres.config import ExperimentConfig, ModelConfig, from_dict, to_dict
+from gres.config import ExperimentConfig, ModelConfig, to_dict
 from gres.optim import build_optimizer, build_scheduler, clip_gradients, freeze_text_encoder
 from gres.utils import seed_everything, seed_worker
 
@@ -85,19 +85,20 @@ def init_distributed(device: torch.device) -> DistInfo:
     processes themselves) is reused.
     """
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return current_dist()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return current_dist()
 
 
 def current_dist() -> DistInfo:
     """The :class:`DistInfo` of an initialised process group, else a single process."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
     return DistInfo()
 
 
@@ -128,7 +129,7 @@ def _all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
 # Seeding and RNG state
 # --------------------------------------------------------------------------------------------------
 def get_rng_state() -> dict[str, Any]:
-    """torch / CUDA / numpy / python RNG states, as types ``torch.load(weights_only=True)`` accepts."""
+    """torch / CUDA / numpy / python RNG states in types ``torch.load(weights_only=True)`` reads."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -269,7 +270,7 @@ def build_dataset(
     tokenizer: Any = None,
     max_samples: int | None = None,
 ):
-    """The :class:`gres.data.dataset.GRESDataset` of ``split`` under ``root`` (default cfg.data.root).
+    """The :class:`gres.data.dataset.GRESDataset` of ``split`` under ``root`` (default: data.root).
 
     The tokenizer is the model's (``cfg.model.text.tokenizer`` or ``name_or_path``; ``None`` = the
     packaged offline one); pass ``tokenizer`` to share one between splits. Unlike the book's
@@ -384,7 +385,7 @@ def prepare_model(cfg: ExperimentConfig, load_pretrained: bool = True) -> nn.Mod
 
 
 def max_iterations(cfg: ExperimentConfig) -> int:
-    """The iteration budget: ``ceil(max_samples / batch_size)`` if ``max_samples`` else ``max_iters``."""
+    """Iteration budget: ``ceil(max_samples / batch_size)`` if max_samples is set, else max_iters."""
     t = cfg.train
     if t.max_samples is not None:
         return math.ceil(t.max_samples / t.batch_size)
@@ -785,7 +786,9 @@ Hook = Callable[[dict[str, Any]], None]
 def _amp_setup(cfg: ExperimentConfig, device: torch.device) -> tuple[bool, torch.dtype]:
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.train.amp_dtype)
     if dtype is None:
-        raise ValueError(f"TrainConfig.amp_dtype={cfg.train.amp_dtype!r}: expected float16 or bfloat16")
+        raise ValueError(
+            f"TrainConfig.amp_dtype={cfg.train.amp_dtype!r}: expected float16 or bfloat16"
+        )
     return bool(cfg.train.amp and device.type == "cuda"), dtype
 
 
@@ -899,7 +902,8 @@ def train(
     start_iter = 0
     if resume and ckpt is not None:
         state = load_checkpoint(ckpt, model)
-        if state["sampler"]["batch_size"] != per_rank_bs or state["sampler"]["world_size"] != info.world_size:
+        was = state["sampler"]
+        if was["batch_size"] != per_rank_bs or was["world_size"] != info.world_size:
             raise ValueError(
                 f"cannot resume {ckpt}: it was written with {state['sampler']['world_size']} "
                 f"process(es) x batch {state['sampler']['batch_size']}, now {info.world_size} x "
@@ -950,7 +954,8 @@ def train(
 
     history: list[dict[str, Any]] = []
     eval_history: list[dict[str, Any]] = []
-    result = TrainResult(run_dir=run_dir, iterations=start_iter, samples_seen=start_iter * tcfg.batch_size,
+    result = TrainResult(run_dir=run_dir, iterations=start_iter,
+                         samples_seen=start_iter * tcfg.batch_size,
                          final_weights=None, last_checkpoint=ckpt if resume else None,
                          history=history, eval_history=eval_history, resumed_from=start_iter,
                          train_samples=len(train_dataset))
@@ -962,14 +967,20 @@ def train(
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "rng": _all_gather_objects(get_rng_state(), info),
-            "sampler": {"seed": tcfg.seed, "batch_size": per_rank_bs, "world_size": info.world_size,
-                        "position": it * per_rank_bs, "epoch": sampler.position(it * per_rank_bs)[0]},
+            "sampler": {
+                "seed": tcfg.seed,
+                "batch_size": per_rank_bs,
+                "world_size": info.world_size,
+                "position": it * per_rank_bs,
+                "epoch": sampler.position(it * per_rank_bs)[0],
+            },
         }
 
     def checkpoint(it: int) -> None:
         state = make_state(it)  # collective: every process takes part
         if info.is_main:
-            result.last_checkpoint = save_checkpoint(run_dir, it, model, cfg, state, tcfg.keep_checkpoints)
+            result.last_checkpoint = save_checkpoint(
+                run_dir, it, model, cfg, state, tcfg.keep_checkpoints)
         _barrier(info)
 
     def emit(record: dict[str, Any]) -> None:

@@ -212,7 +212,8 @@ def lr_factor(it: int, cfg: TrainConfig, max_iters: int) -> float:
         factor = cfg.lr_gamma ** bisect.bisect_right(sorted(cfg.lr_steps), it)
     elif cfg.lr_schedule == "cosine":
         progress = min(it / max(max_iters, 1), 1.0)
-        factor = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        factor = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * cosine
     elif cfg.lr_schedule == "constant":
         factor = 1.0
     else:

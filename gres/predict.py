@@ -13,10 +13,10 @@ resized straight to the original image size, exactly as :func:`gres.model.postpr
 480x480. "No target" is the argmax of the sigmoids of the two NT logits. ``nt_prob`` is the
 two-class softmax probability of "no target" (the NT head is trained with a softmax
 cross-entropy), so apart from sigmoid saturation ties the official rule is ``nt_prob > 0.5``.
-(``postprocess`` returns ``sigmoid(nt_logits)[:, 1]`` instead, the official ``nt_label`` channel.) Following the paper (not the official
-evaluator, which keeps the mask), the returned ``mask`` is **empty** when the answer is no-target;
-``raw_mask`` keeps the model's mask. ``nt_threshold`` / ``mask_threshold`` replace the argmax rules
-by probability thresholds.
+(``postprocess`` returns ``sigmoid(nt_logits)[:, 1]``, the official ``nt_label`` channel.)
+Following the paper (not the official evaluator, which keeps the mask), the returned ``mask`` is
+**empty** when the answer is no-target; ``raw_mask`` keeps the model's mask. ``nt_threshold`` /
+``mask_threshold`` replace the argmax rules by probability thresholds.
 
 Caching. The image is read, resized (square, PIL bilinear, like the official mapper) and moved to
 the device once per :meth:`Predictor.set_image`; the tokenizer is built once and tokenised
@@ -209,7 +209,11 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: str | os.PathLike, preset: str | None = None, device: str = "auto", **kw: Any
+        cls,
+        checkpoint: str | os.PathLike,
+        preset: str | None = None,
+        device: str = "auto",
+        **kw: Any,
     ) -> Predictor:
         """Build the model from a weights file, checkpoint folder or run folder and load it."""
         from gres.cli import config_for_checkpoint, resolve_checkpoint

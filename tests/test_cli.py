@@ -47,7 +47,8 @@ def test_help(capsys):
         assert f"usage: gres {cmd}" in capsys.readouterr().out
     proc = subprocess.run([sys.executable, "-m", "gres.cli", "predict", "--help"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "--expression" in proc.stdout and "--nt-threshold" in proc.stdout
+    assert proc.returncode == 0
+    assert "--expression" in proc.stdout and "--nt-threshold" in proc.stdout
 
 
 def test_overrides_are_typed():
@@ -92,8 +93,8 @@ def test_train_resume_eval_predict(run, data_root, tmp_path, capsys):
     image = sorted((data_root / "images" / "train2014").iterdir())[0]
     overlay = tmp_path / "overlay.png"
     code = main(["predict", "--image", str(image), "--expression", "the red circle",
-                 "--expression", "two squares", "--checkpoint", str(run / "model_final.safetensors"),
-                 "--out", str(overlay)])
+                 "--expression", "two squares",
+                 "--checkpoint", str(run / "model_final.safetensors"), "--out", str(overlay)])
     out = capsys.readouterr().out
     assert code == 0 and out.count("no-target probability") == 2 and overlay.is_file()
 
@@ -105,7 +106,8 @@ def test_error_exits(run, data_root, tmp_path, capsys):
     code = main(["train", "--preset", "no-such-preset", "--out", str(tmp_path / "r")])
     assert code == 2 and "unknown preset" in capsys.readouterr().err
     code = main(["eval", "--checkpoint", str(run / "model_final.safetensors"), "--preset",
-                 "tiny-test", "--set", "model.decoder.hidden_dim=16", "--data-root", str(data_root)])
+                 "tiny-test", "--set", "model.decoder.hidden_dim=16",
+                 "--data-root", str(data_root)])
     assert code == 2 and "does not match the model config" in capsys.readouterr().err
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image at all")

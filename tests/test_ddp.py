@@ -1,8 +1,9 @@
 """Two-process DDP on CPU (gloo): training runs, ranks stay in sync, merged metrics are exact.
 
 The processes are started with ``torch.multiprocessing`` (what ``torchrun`` would do, minus the
-launcher; forked so that they inherit the parent's imports): each joins a gloo group, then calls :func:`gres.engine.train`, which wraps the
-model in DDP, shards the data, and evaluates the final model on disjoint shards of ``val``.
+launcher; forked so that they inherit the parent's imports): each joins a gloo group, then calls
+:func:`gres.engine.train`, which wraps the model in DDP, shards the data, and evaluates the final
+model on disjoint shards of ``val``.
 """
 
 from __future__ import annotations
