@@ -473,6 +473,129 @@ def plot_region_masks(
     return fig
 
 
+def plot_prediction(
+    image: Any,
+    pred_mask: Any,
+    minimap: Any,
+    *,
+    title: str | None = None,
+    gt_mask: Any = None,
+    gt_no_target: bool | None = None,
+    pred_no_target: bool | None = None,
+    nt_prob: float | None = None,
+) -> Figure:
+    """One answer of the model: the mask overlay and the minimap side by side (demo panels).
+
+    Args:
+        image: the image (any resolution; masks are stretched over it).
+        pred_mask: ``(h, w)`` bool predicted mask (blue).
+        minimap: ``(R, R)`` or ``(P,)`` probabilities that each region holds a target.
+        title: overlay title, normally the expression.
+        gt_mask: optional ground truth (orange).
+        gt_no_target: ground-truth no-target label (default: ``gt_mask`` given and empty).
+        pred_no_target: the model's no-target decision (a "pred: no target" badge).
+        nt_prob: P(no target), printed under the overlay when given.
+
+    Returns:
+        A two-panel figure (overlay gids as in :func:`overlay`, minimap image gid ``minimap``).
+    """
+    fig, (ax_img, ax_map) = plt.subplots(1, 2, figsize=(FULL * 0.62, HALF * 0.95),
+                                         gridspec_kw={"width_ratios": (1.0, 1.1)})
+    overlay(image, gt_mask=gt_mask, pred_mask=pred_mask, title=title, gt_no_target=gt_no_target,
+            pred_no_target=pred_no_target, ax=ax_img)
+    if nt_prob is not None:
+        ax_img.text(0.5, -0.04, f"P(no target) = {nt_prob:.2f}", transform=ax_img.transAxes,
+                    ha="center", va="top", fontsize=8).set_gid("nt-prob")
+    plot_minimap(minimap, ax=ax_map)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_masks(
+    attn_probs: Sequence[Any],
+    region_ids: Sequence[int],
+    *,
+    allowed: Sequence[Any] | None = None,
+    image: Any = None,
+    threshold: float = 0.5,
+    panel: float | None = None,
+) -> Figure:
+    """Region-image attention masks of chosen regions, one column per decoder layer.
+
+    In ReLA's RIA (paper Sec. 3.2, Eq. 2; official masked attention) a region may attend only to
+    the pixels where its current region mask, resized to that layer's feature level, has
+    ``sigmoid >= threshold``. Each panel shows that probability (magma) over the image, with the
+    allowed area outlined (cyan); a panel whose allowed area is the whole map says so in its title
+    (rows that would block every pixel are unblocked entirely, as in the official code).
+
+    Args:
+        attn_probs: one ``(P, h_l, w_l)`` array of probabilities per layer (levels may differ).
+        region_ids: regions to show, one row each.
+        allowed: per layer, the ``(P, h_l, w_l)`` bool mask actually used (True = may attend);
+            default ``attn_probs >= threshold``.
+        image: optional image drawn in grey under every panel.
+        threshold: the attention-mask threshold (0.5 in ReLA).
+        panel: panel side in inches (default: :data:`FULL` / number of layers, at most 1.6).
+
+    Returns:
+        The figure; each map carries the gid ``attn-<layer>-<region>``.
+    """
+    maps = [_np(a).astype(np.float32) for a in attn_probs]
+    if not maps:
+        raise ValueError("attn_probs is empty: pass one (P, h, w) array per layer")
+    if any(m.ndim != 3 for m in maps):
+        raise ValueError(f"every layer needs a (P, h, w) array, got {[m.shape for m in maps]}")
+    p = maps[0].shape[0]
+    if any(m.shape[0] != p for m in maps):
+        raise ValueError(f"layers disagree on the number of regions: {[m.shape[0] for m in maps]}")
+    if any(m.min() < -1e-6 or m.max() > 1 + 1e-6 for m in maps):
+        raise ValueError("attn_probs must be probabilities in [0, 1] (apply a sigmoid first)")
+    masks = ([m >= threshold for m in maps] if allowed is None
+             else [_np(a).astype(bool) for a in allowed])
+    if len(masks) != len(maps) or any(a.shape != m.shape for a, m in zip(masks, maps)):
+        raise ValueError("allowed must have one mask per layer, each shaped like attn_probs")
+    bad = [q for q in region_ids if not 0 <= int(q) < p]
+    if bad or not region_ids:
+        raise ValueError(f"region ids {bad or list(region_ids)} not in 0..{p - 1}")
+    n_layers, n_rows = len(maps), len(region_ids)
+    panel = panel or min(1.6, FULL / n_layers)
+    fig, axes = plt.subplots(n_rows, n_layers, figsize=(panel * n_layers, panel * n_rows * 1.15),
+                             squeeze=False)
+    grey = None
+    if image is not None:
+        grey = to_image(image).astype(np.float32).mean(axis=-1)
+        grey = grey / max(float(grey.max()), 1e-6)
+    for row, q in enumerate(region_ids):
+        q = int(q)
+        for layer, (m, a) in enumerate(zip(maps, masks)):
+            ax = axes[row, layer]
+            h, w = m.shape[1:]
+            extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+            if grey is not None:
+                ax.imshow(grey, cmap="gray", extent=extent, vmin=0, vmax=1)
+            im = ax.imshow(m[q], cmap="magma", vmin=0.0, vmax=1.0, extent=extent,
+                           alpha=0.75 if grey is not None else 1.0)
+            im.set_gid(f"attn-{layer}-{q}")
+            allow = a[q]
+            if allow.any() and not allow.all():
+                ys, xs = np.arange(h), np.arange(w)
+                ax.contour(xs, ys, allow.astype(np.float32), levels=[0.5], colors=["#56B4E9"],
+                           linewidths=1.0)
+            note = " (all)" if allow.all() else ""
+            if row == 0:
+                ax.set_title(f"layer {layer}: {h}×{w}{note}", fontsize=7.5)
+            elif note:
+                ax.set_title(note.strip(" ()"), fontsize=7)
+            ax.set_xlim(-0.5, w - 0.5)
+            ax.set_ylim(h - 0.5, -0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if layer == 0:
+                ax.set_ylabel(f"region {q}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------------------------------
 # Curves and comparisons
 # --------------------------------------------------------------------------------------------------

@@ -191,3 +191,46 @@ def test_savefig_picks_format(tmp_path, scene):
     assert p1.suffix == ".png" and p1.read_bytes()[:4] == b"\x89PNG"
     assert p2.suffix == ".svg" and b"<svg" in p2.read_bytes()[:400]
     assert p3.suffix == ".png" and p3.exists()
+
+
+def test_plot_prediction_overlay_minimap_and_nt_prob(scene):
+    image, gt, pred = scene
+    minimap = torch.linspace(0, 1, 16).reshape(4, 4)
+    fig = viz.plot_prediction(image, pred, minimap, title="the box", gt_mask=gt,
+                              pred_no_target=False, nt_prob=0.27)
+    gids = _by_gid(fig)
+    assert {"gt-fill", "pred-fill", "pred-contour", "minimap"} <= set(gids)
+    np.testing.assert_allclose(gids["minimap"][0].get_array(), minimap.numpy())
+    texts = {t.get_gid(): t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid()}
+    assert texts["nt-prob"] == "P(no target) = 0.27"
+    assert fig.axes[0].get_title() == "the box"
+    fig = viz.plot_prediction(image, torch.zeros(32, 32, dtype=torch.bool), minimap,
+                              pred_no_target=True)
+    texts = {t.get_gid(): t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid()}
+    assert texts["badge-pred"] == "pred: no target" and "nt-prob" not in texts
+
+
+def test_plot_attention_masks_rows_columns_and_allowed_area(scene):
+    image, _, _ = scene
+    g = torch.Generator().manual_seed(1)
+    probs = [torch.rand(16, 2, 2, generator=g), torch.rand(16, 4, 4, generator=g),
+             torch.rand(16, 8, 8, generator=g)]
+    probs[1][3] = 0.1  # region 3 blocks every pixel at layer 1 -> the official fix unblocks it
+    allowed = [p >= 0.5 for p in probs]
+    allowed[1][3] = True
+    fig = viz.plot_attention_masks(probs, [3, 7], allowed=allowed, image=image)
+    assert len(fig.axes) == 6  # 2 regions x 3 layers
+    gids = _by_gid(fig)
+    for layer in range(3):
+        for q in (3, 7):
+            np.testing.assert_allclose(gids[f"attn-{layer}-{q}"][0].get_array(),
+                                       probs[layer][q].numpy(), atol=1e-6)
+    titles = [ax.get_title() for ax in fig.axes[:3]]
+    assert titles == ["layer 0: 2×2", "layer 1: 4×4 (all)", "layer 2: 8×8"]
+    assert fig.axes[0].get_ylabel() == "region 3" and fig.axes[3].get_ylabel() == "region 7"
+    with pytest.raises(ValueError, match="probabilities"):
+        viz.plot_attention_masks([torch.randn(16, 2, 2) * 5], [0])
+    with pytest.raises(ValueError, match="not in 0..15"):
+        viz.plot_attention_masks(probs, [16])
+    with pytest.raises(ValueError, match="number of regions"):
+        viz.plot_attention_masks([probs[0], torch.rand(9, 4, 4)], [0])
