@@ -52,7 +52,9 @@ def offline_architecture(cfg):
     return dataclasses.replace(cfg, model=model)
 
 
-def run_one(preset: str, batch: int | None, iters: int, warmup: int, threads: int) -> dict:
+def run_one(
+    preset: str, batch: int | None, iters: int, warmup: int, threads: int, loop: bool = True
+) -> dict:
     """Measure one preset in this process."""
     import torch
 
@@ -131,10 +133,12 @@ def run_one(preset: str, batch: int | None, iters: int, warmup: int, threads: in
     del model, opt, sched
 
     # 3. the real loop
-    t0 = time.perf_counter()
-    res = engine.train(cfg, tmp / "run", progress=False, train_dataset=dataset)
-    train_s = time.perf_counter() - t0
-    rec = [r for r in res.history if r["kind"] == "train"][-1]
+    loop_sps = train_s = None
+    if loop:
+        t0 = time.perf_counter()
+        res = engine.train(cfg, tmp / "run", progress=False, train_dataset=dataset)
+        train_s = round(time.perf_counter() - t0, 1)
+        loop_sps = round([r for r in res.history if r["kind"] == "train"][-1]["samples_per_s"], 2)
     out = {
         "preset": preset,
         "device": str(device),
@@ -149,8 +153,8 @@ def run_one(preset: str, batch: int | None, iters: int, warmup: int, threads: in
         "step_s_per_batch": round(step_s, 4),
         "loader_share": round(loader_s / step_s, 3),
         "step_samples_per_s": round(bs / step_s, 2),
-        "train_loop_samples_per_s": round(rec["samples_per_s"], 2),
-        "train_call_s": round(train_s, 1),
+        "train_loop_samples_per_s": loop_sps,
+        "train_call_s": train_s,
         "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if device.type == "cuda":
@@ -166,11 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--json", default=None, help="append results to this JSON file")
+    p.add_argument("--skip-loop", action="store_true",
+                   help="skip the engine.train() measurement (expensive presets)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
 
     if args.one:
-        print(json.dumps(run_one(args.one, args.batch, args.iters, args.warmup, args.threads)))
+        res = run_one(args.one, args.batch, args.iters, args.warmup, args.threads,
+                      loop=not args.skip_loop)
+        print(json.dumps(res))
         return 0
 
     from gres.config import PRESETS
@@ -184,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                "--warmup", str(args.warmup), "--threads", str(args.threads)]
         if args.batch:
             cmd += ["--batch", str(args.batch)]
+        if args.skip_loop:
+            cmd += ["--skip-loop"]
         print(f"# {name} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode:

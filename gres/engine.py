@@ -831,8 +831,9 @@ def train(
     Args:
         cfg: the experiment config (saved as ``<run_dir>/config.json``).
         run_dir: output folder.
-        resume: continue from the latest checkpoint in ``run_dir`` (bitwise on CPU). Without it,
-            a run folder that already holds checkpoints is refused.
+        resume: continue from the latest checkpoint in ``run_dir`` (bitwise on CPU; a fresh
+            start when there is none). Without it, a run folder that already holds checkpoints
+            is refused.
         hook: optional callback for every log / eval record (main process).
         device: overrides ``cfg.train.device``.
         progress: tqdm bars on the main process.

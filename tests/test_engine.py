@@ -373,3 +373,14 @@ def test_config_roundtrip_of_train_fields():
     cfg = dataclasses.replace(cfg, train=t)
     assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
     assert np.isfinite(cfg.train.lr)
+
+
+@pytest.mark.gpu
+def test_amp_training_on_cuda(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, max_iters=3, amp=True, device="cuda", checkpoint_every=2)
+    result = engine.train(cfg, tmp_path / "amp", progress=False)
+    assert result.iterations == 3
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    assert getattr(result.model.pixel_decoder, "_gres_keep_fp32", False)
+    state = torch.load(engine.latest_checkpoint(tmp_path / "amp") / "state.pt", weights_only=True)
+    assert state["scaler"]  # fp16 AMP keeps a GradScaler state for resumption
