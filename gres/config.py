@@ -151,7 +151,7 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers (official: 4)
     # Expression types kept in the TRAINING split (0 single, 1 multi, 2 no-target); None = all.
     # (0,) = classic RES training on single-target expressions only (paper Fig. 6, Table 7).
-    # Applied by gres.experiments (a Subset passed to engine.train); val/test are never filtered.
+    # Applied by gres.engine.train to the training split; val/test are never filtered.
     train_expr_types: tuple[int, ...] | None = None
 
 

@@ -17,7 +17,7 @@ What a call does, per seed:
 2. **Train or load.** A folder holding ``model_final.safetensors`` and ``result.json`` is loaded; a
    folder holding only checkpoints is resumed (bitwise on CPU, :func:`gres.engine.train`); an empty
    one is trained. ``DataConfig.train_expr_types`` (e.g. single-target only, paper Fig. 6 /
-   Table 7) is applied here as a ``Subset`` of the training split.
+   Table 7) is applied by the engine to the training split.
 3. **Evaluate.** The split is evaluated once with the official evaluator
    (:func:`gres.engine.evaluate`) and the per-sample records (pixel counts and no-target
    decisions) are cached beside the model. Every reported number is recomputed from these records
@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -224,27 +223,6 @@ def is_trained(cfg: ExperimentConfig, root: str | os.PathLike | None = None) -> 
     return (d / FINAL_WEIGHTS).is_file() and (d / RESULT_FILE).is_file()
 
 
-def filtered_train_dataset(cfg: ExperimentConfig, dataset: Any) -> Any:
-    """Apply ``cfg.data.train_expr_types`` to a training dataset (a ``Subset``; unchanged if None).
-
-    Raises:
-        ValueError: an unknown expression type, or no sample left.
-    """
-    types = cfg.data.train_expr_types
-    if types is None:
-        return dataset
-    bad = [t for t in types if t not in (0, 1, 2)]
-    if bad:
-        raise ValueError(f"DataConfig.train_expr_types: unknown expression types {bad} (0/1/2)")
-    kinds = np.asarray(dataset.expr_types)
-    keep = np.flatnonzero(np.isin(kinds, list(types))).tolist()
-    if not keep:
-        raise ValueError(f"DataConfig.train_expr_types={types} leaves no training sample")
-    subset = torch.utils.data.Subset(dataset, keep)
-    subset.tokenizer = getattr(dataset, "tokenizer", None)  # type: ignore[attr-defined]
-    return subset
-
-
 def train_or_load(
     cfg: ExperimentConfig,
     *,
@@ -281,14 +259,12 @@ def train_or_load(
     run_cfg = _runnable(cfg)
     resume = engine.latest_checkpoint(d) is not None
     previous = json.loads((d / "partial.json").read_text()) if (d / "partial.json").is_file() else {}
-    train_set = engine.build_dataset(run_cfg, run_cfg.data.train_split)
-    train_set = filtered_train_dataset(run_cfg, train_set)
     d.mkdir(parents=True, exist_ok=True)
     (d / "experiment.json").write_text(json.dumps(
         {"config": to_dict(cfg), "key": experiment_key(cfg),
          "dataset_fingerprint": dataset_fingerprint(cfg)}, indent=1))
     t0 = time.time()
-    result = engine.train(run_cfg, d, resume=resume, progress=progress, train_dataset=train_set)
+    result = engine.train(run_cfg, d, resume=resume, progress=progress)
     seconds = previous.get("seconds", 0.0) + (time.time() - t0)
     if result.final_weights is None:  # interrupted (stop_after) -- keep the partial wall time
         (d / "partial.json").write_text(json.dumps({"seconds": seconds}))
@@ -299,7 +275,6 @@ def train_or_load(
         "seed": cfg.train.seed,
         "iterations": result.iterations,
         "samples": samples,
-        "train_samples_available": len(train_set),
         "seconds": seconds,
         "samples_per_s": (samples - result.resumed_from * cfg.train.batch_size)
         / max(time.time() - t0, 1e-9),
