@@ -414,8 +414,10 @@ def format_value(value: Any, fmt: str | None = None) -> str:
     return str(value)
 
 
-def glue(name: str, value: Any, fmt: str | None = None, display: bool = False) -> str:
-    """Glue ``value`` under ``name`` for ``{glue:}`name``` in the prose; return the text.
+def glue(name: str, value: Any, fmt: str | None = None, display: bool = False) -> None:
+    """Glue ``value`` under ``name`` for ``{glue:}`name``` in the prose.
+
+    Returns nothing, so that a ``glue(...)`` call ending a cell prints nothing.
 
     Numbers and strings are glued as plain text formatted with :func:`format_value`; figures and
     DataFrames are glued as themselves (``{glue:figure}`` / ``{glue:}``).
@@ -429,8 +431,6 @@ def glue(name: str, value: Any, fmt: str | None = None, display: bool = False) -
     from myst_nb import glue as _glue
 
     if isinstance(value, (str, int, float, np.generic)):
-        text = format_value(value, fmt)
-        _glue(name, GluedText(text), display=display)
-        return text
-    _glue(name, value, display=display)
-    return name
+        _glue(name, GluedText(format_value(value, fmt)), display=display)
+    else:
+        _glue(name, value, display=display)

@@ -131,6 +131,20 @@ def test_format_value_and_glued_text():
     assert repr(t) == "62.42" and str(t) == "62.42"  # no quotes in {glue:} output
 
 
-def test_glue_outside_a_kernel_returns_text():
-    # myst_nb.glue publishes display data; outside IPython it is a no-op display call
-    assert utils.glue("x", 12.3456, fmt=".1f") == "12.3"
+def test_glue_publishes_plain_text(monkeypatch):
+    published = {}
+
+    def fake_glue(name, obj, display=True):
+        published[name] = (obj, display)
+
+    import myst_nb
+
+    monkeypatch.setattr(myst_nb, "glue", fake_glue)
+    assert utils.glue("x", 12.3456, fmt=".1f") is None  # nothing echoed at the end of a cell
+    obj, display = published["x"]
+    assert isinstance(obj, utils.GluedText) and repr(obj) == "12.3" and display is False
+    utils.glue("n", np.int64(278232))
+    assert repr(published["n"][0]) == "278,232"
+    frame = pd.DataFrame({"a": [1]})
+    utils.glue("table", frame)
+    assert published["table"][0] is frame  # rich objects are glued as themselves
