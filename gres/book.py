@@ -1,6 +1,6 @@
 """Build the book: jupytext -> papermill (with per-chapter parameters) -> Jupyter Book v1 HTML.
 
-    python -m gres.book [--mode full|smoke] [--only 05_training] [--no-html]
+    python -m gres.book [--mode full|smoke] [--only 05_training] [--no-html] [--strict]
 
 Steps (papermill only executes .ipynb):
 1. the synthetic dataset is generated if missing (``data_prep/make_synthetic.py``);
@@ -124,8 +124,8 @@ def execute_chapter(name: str, params: dict, kernel: str = "python3", build: Pat
 def ensure_synthetic(mode: str) -> None:
     script = ROOT / "data_prep" / "make_synthetic.py"
     if script.exists():
-        subprocess.run([sys.executable, str(script), "--preset", "tiny" if mode == "smoke" else "default"],
-                       check=True, cwd=ROOT)
+        preset = "tiny" if mode == "smoke" else "default"
+        subprocess.run([sys.executable, str(script), "--preset", preset], check=True, cwd=ROOT)
 
 
 def build_html(build: Path = BUILD, strict: bool = False) -> Path:
@@ -169,7 +169,8 @@ def build_html(build: Path = BUILD, strict: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", default="full", choices=["full", "smoke"])
     ap.add_argument("--only", nargs="*", help="execute only these chapters (names as in _toc.yml)")
     ap.add_argument("--no-html", action="store_true", help="execute only, do not build HTML")

@@ -347,7 +347,9 @@ def headline(table: str | int = 5, method: str = "ReLA", split: str = "val") -> 
     """The paper's numbers for one method and split as ``{metric: value}`` (e.g. Table 5 val)."""
     df = _select(load(table), {"method": method, "split": split})
     if df.empty:
-        raise ValueError(f"paper table {table!r} has no rows for method={method!r}, split={split!r}")
+        raise ValueError(
+            f"paper table {table!r} has no rows for method={method!r}, split={split!r}"
+        )
     return {m: float(v) for m, v in zip(df["metric"], df["value_num"])}
 
 
