@@ -149,6 +149,12 @@ class DataConfig:
     val_split: str = "val"
     image_size: int = 480  # square resize for images and masks (mapper T.Resize((480, 480)))
     num_workers: int = 0  # DataLoader workers (official: 4)
+    # Keep resized images and GT masks in memory (ours; for small synthetic sets: S*S*3 bytes each).
+    cache_images: bool = False
+    # Synthetic set made when missing by gres.data.dataset.build_dataset(ensure=True) (ours):
+    # a gres.data.synthetic.PRESETS key ("default" | "tiny") and the generator seed.
+    synthetic_preset: str = "default"
+    synthetic_seed: int = 0
     # Expression types kept in the TRAINING split (0 single, 1 multi, 2 no-target); None = all.
     # (0,) = classic RES training on single-target expressions only (paper Fig. 6, Table 7).
     # Applied by gres.engine.train to the training split; val/test are never filtered.
@@ -362,3 +368,94 @@ PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
     "official-tiny-vectors": official_tiny_vectors,
     "tiny-test": tiny_test,
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU presets of the book's experiments (gres.experiments; measurements in bench/RESULTS.md,
+# section "Experiments"). Still ReLA: language-fused Swin with a PWAM per stage, MSDeformAttn pixel
+# decoder, ReLA decoder, the official losses and evaluator; only sizes and the schedule shrink.
+# --------------------------------------------------------------------------------------------------
+def cpu_small() -> ExperimentConfig:
+    """The book's default preset: full ReLA at 96x96, trained from scratch on the synthetic set
+    in about 10 minutes of one CPU thread (budget in samples, never wall time)."""
+    return ExperimentConfig(
+        name="cpu-small",
+        model=ModelConfig(
+            image_size=96,  # 256x192 native scenes; 96 keeps small shapes recognisable (r ~ 6 px)
+            swin=SwinConfig(
+                embed_dim=32,  # stage widths 32/64/128/256
+                depths=(1, 1, 2, 1),  # one block per stage, two at stride 16
+                num_heads=(1, 2, 4, 8),  # head dim 32, as in Swin
+                window_size=6,  # stage grids 24/12/6/3: windows tile the first three exactly
+                drop_path_rate=0.0,  # a 10-minute run does not overfit
+            ),
+            text=TextConfig(
+                name_or_path=None,  # small BERT trained from scratch (random init) ...
+                tokenizer="minilm",  # ... over the bert-base-uncased vocabulary (offline tokenizer)
+                hidden_size=64,
+                num_layers=2,
+                num_heads=2,
+                intermediate_size=128,
+                max_position_embeddings=32,  # 20 tokens are used
+                frozen_layers_from=2,  # every layer trained (the recipe freezes BERT-base's 10-11)
+                freeze_embeddings=False,  # random embeddings must be learned
+            ),
+            pixel_decoder=PixelDecoderConfig(
+                conv_dim=64, mask_dim=64, num_layers=1, num_heads=4, ffn_dim=128, norm_groups=8,
+                deform_core="grid_sample",  # faster backward on CPU than the gather core
+            ),
+            decoder=DecoderConfig(
+                hidden_dim=64, num_heads=4, ffn_dim=256,
+                num_layers=3,  # one pass over the three pyramid levels (paper: 9 = 3 passes)
+                region_grid=10,  # P = 10 as the paper (Table 4 varies it)
+            ),
+        ),
+        data=DataConfig(dataset="synthetic", root="data/synthetic", image_size=96),
+        train=TrainConfig(
+            batch_size=16,
+            max_samples=24_000,  # the budget (calibrated in bench/bench_experiments.py)
+            lr=1e-3,  # from scratch, small model: 100x the recipe's fine-tuning rate
+            lr_schedule="cosine",
+            warmup_iters=100,
+            warmup_factor=0.001,
+            clip_grad_norm=1.0,  # the recipe's 0.01 is for fine-tuning pretrained weights
+            amp=False,
+            eval_every=250,  # learning curve on the first eval_max_samples val expressions
+            eval_max_samples=600,
+            checkpoint_every=500,
+            log_every=25,
+            eval_batch_size=32,
+        ),
+    )
+
+
+def cpu_small_ablation() -> ExperimentConfig:
+    """``cpu-small`` with the shorter, equal budget of every ablation row (Tables 2-4); full ReLA
+    is retrained once at this budget and shared by the three tables."""
+    base = cpu_small()
+    return dataclasses.replace(
+        base, name="cpu-small-abl", train=dataclasses.replace(base.train, max_samples=12_000)
+    )
+
+
+def cpu_smoke() -> ExperimentConfig:
+    """A few steps of a tiny ReLA on the tiny synthetic set: exercises the whole experiment
+    pipeline (train, cache, evaluate, tables) in seconds; the numbers mean nothing."""
+    base = tiny_test()
+    return dataclasses.replace(
+        base,
+        name="cpu-smoke",
+        model=dataclasses.replace(
+            base.model, pixel_decoder=dataclasses.replace(
+                base.model.pixel_decoder, deform_core="grid_sample")),
+        train=TrainConfig(batch_size=4, max_samples=16, lr=1e-3, lr_schedule="cosine",
+                          warmup_iters=0, clip_grad_norm=1.0, amp=False, checkpoint_every=1000,
+                          eval_every=2, eval_max_samples=8, log_every=1, eval_batch_size=8),
+    )
+
+
+PRESETS.update({
+    "cpu-small": cpu_small,
+    "cpu-small-ablation": cpu_small_ablation,
+    "cpu-smoke": cpu_smoke,
+})
