@@ -284,8 +284,6 @@ class SwinBlock(nn.Module):
         Returns:
             (B, H, W, C).
         """
-        B, H, W, C = x.shape
-        w, s = self.window_size, self.shift_size
         x = x + self.drop_path(self._attention(self.norm1(x), shift_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
