@@ -194,7 +194,10 @@ def _to_tensor(x: Any, name: str) -> torch.Tensor:
         x = np.asarray(x)
     if isinstance(x, np.ndarray):
         try:
-            return torch.from_numpy(np.ascontiguousarray(x))
+            x = np.ascontiguousarray(x)
+            if not x.flags.writeable:  # e.g. pandas' to_numpy(): torch warns on read-only memory
+                x = x.copy()
+            return torch.from_numpy(x)
         except TypeError as err:
             raise ValueError(f"{name}: unsupported numpy dtype {x.dtype}") from err
     raise ValueError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
