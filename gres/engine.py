@@ -792,15 +792,21 @@ def _amp_setup(cfg: ExperimentConfig, device: torch.device) -> tuple[bool, torch
     return bool(cfg.train.amp and device.type == "cuda"), dtype
 
 
+RESUME_FREE_KEYS: dict[str, set[str]] = {"data": {"root", "num_workers"}}
+"""Config keys that may change between an interrupted run and its resumption (where the data
+lives, how it is loaded); everything else of ``model`` / ``data`` / ``loss`` must match."""
+
+
 def _check_resume_config(saved: dict[str, Any], cfg: ExperimentConfig, path: Path) -> None:
-    """Resuming with another model or data config would silently train something else."""
+    """Resuming with another model, data or loss config would silently train something else."""
     now = to_dict(cfg)
     for section in ("model", "data", "loss"):
-        if saved.get(section) != now[section]:
-            diff = sorted(
-                k for k in set(saved.get(section, {})) | set(now[section])
-                if saved.get(section, {}).get(k) != now[section].get(k)
-            )
+        old, new = saved.get(section, {}), now[section]
+        diff = sorted(
+            k for k in set(old) | set(new)
+            if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS.get(section, set())
+        )
+        if diff:
             raise ValueError(
                 f"cannot resume from {path}: its {section} config differs from the current one "
                 f"(keys {diff}); use a new run folder"
