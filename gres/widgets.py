@@ -120,7 +120,8 @@ class GRESDemo:
         import ipywidgets as w
 
         if not isinstance(predictor, Predictor):
-            raise ValueError(f"GRESDemo needs a gres.predict.Predictor, got {type(predictor).__name__}")
+            raise ValueError(
+                f"GRESDemo needs a gres.predict.Predictor, got {type(predictor).__name__}")
         self.predictor = predictor
         self.dataset = dataset
         self.state = DemoState()
@@ -314,9 +315,9 @@ class GRESDemo:
             s.image, pred.mask, pred.minimap, title=f"“{pred.expression}”", gt_mask=s.gt_mask,
             gt_no_target=s.gt_no_target, pred_no_target=pred.no_target, nt_prob=pred.nt_prob,
         )
+        k = int(self.top_k.value)
         regions = viz.plot_region_masks(pred.region_masks, region_probs=pred.minimap.reshape(-1),
-                                        k=int(self.top_k.value), logits=False,
-                                        ncols=min(4, int(self.top_k.value)))
+                                        k=k, logits=False, image=s.image, ncols=min(5, k + 1))
         return main, regions
 
     def render(self) -> None:
@@ -391,7 +392,8 @@ class GRESDemo:
     def _apply_rules(self) -> None:
         self.nt_threshold.disabled = bool(self.nt_official.value)
         self.mask_threshold.disabled = bool(self.mask_official.value)
-        self.predictor.nt_threshold = None if self.nt_official.value else float(self.nt_threshold.value)
+        self.predictor.nt_threshold = (None if self.nt_official.value
+                                       else float(self.nt_threshold.value))
         self.predictor.mask_threshold = (None if self.mask_official.value
                                          else float(self.mask_threshold.value))
 
@@ -440,12 +442,31 @@ def make_demo(predictor: Predictor, dataset: Any = None, **kwargs: Any) -> GRESD
     return GRESDemo(predictor, dataset, **kwargs)
 
 
-def png_upload_value(content: bytes, name: str = "image.png",
+def upload_value(content: bytes, name: str = "image.png",
                      mime: str = "image/png") -> tuple[dict[str, Any], ...]:
     """A ``FileUpload.value`` (ipywidgets 8 format) holding ``content``: lets code and tests
     feed the upload widget exactly as the browser does."""
     return ({"name": name, "type": mime, "size": len(content), "content": memoryview(content),
              "last_modified": _dt.datetime.now(_dt.timezone.utc)},)
+
+
+def pick_examples(dataset: Any, per_kind: int = 1) -> list[int]:
+    """Fixed demo examples: for each expression kind (single, multi, no-target) the first
+    ``per_kind`` samples in dataset order, each on an image not used yet; the kinds are
+    interleaved (single, multi, no-target, single, ...). Kinds the dataset lacks are skipped."""
+    if per_kind < 1:
+        raise ValueError(f"per_kind must be >= 1, got {per_kind}")
+    chosen: dict[int, list[int]] = {k: [] for k in range(len(EXPR_KINDS))}
+    used: set[int] = set()
+    for i in range(len(dataset)):
+        meta = dataset.meta(i)
+        kind, iid = int(meta["expr_type"]), int(meta["image_id"])
+        if len(chosen[kind]) < per_kind and iid not in used:
+            chosen[kind].append(i)
+            used.add(iid)
+        if all(len(v) == per_kind for v in chosen.values()):
+            break
+    return [chosen[k][j] for j in range(per_kind) for k in chosen if j < len(chosen[k])]
 
 
 def sample_expressions(dataset: Any, indices: Sequence[int]) -> list[tuple[int, str, str]]:

@@ -1,4 +1,4 @@
-"""The classroom demo, driven headless: set widget values, check that the state and figures follow."""
+"""The classroom demo driven headless: set widget values, check the state and figures follow."""
 
 from __future__ import annotations
 
@@ -17,7 +17,13 @@ from gres import engine  # noqa: E402
 from gres.config import PRESETS  # noqa: E402
 from gres.data.synthetic import generate  # noqa: E402
 from gres.predict import Predictor  # noqa: E402
-from gres.widgets import GRESDemo, decode_upload, make_demo, png_upload_value  # noqa: E402
+from gres.widgets import (  # noqa: E402
+    GRESDemo,
+    decode_upload,
+    make_demo,
+    pick_examples,
+    upload_value,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +109,8 @@ def test_picking_another_image_and_typing(demo, dataset):
     assert demo.examples.value is None
     sentences = {dataset.meta(i)["sentence"] for i in range(len(dataset))
                  if dataset.meta(i)["image_id"] == ids[1]}
-    assert {label.split("  [")[0] for label, v in demo.examples.options if v is not None} == sentences
+    listed = {label.split("  [")[0] for label, v in demo.examples.options if v is not None}
+    assert listed == sentences
     demo.text.value = "the small thing in the corner"
     assert s.num_predictions == 3 and s.expression == "the small thing in the corner"
     assert s.gt_mask is None and "ground truth" not in demo.nt_label.value  # not a dataset expr
@@ -158,7 +165,7 @@ def test_top_k_redraws_regions_without_a_forward_pass(demo):
 def test_upload_png_and_bad_upload(demo):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
-    demo.upload.value = png_upload_value(_png(rgb), name="photo.png")
+    demo.upload.value = upload_value(_png(rgb), name="photo.png")
     s = demo.state
     assert s.error is None and s.source == "upload:photo.png" and s.image_id is None
     np.testing.assert_array_equal(s.image, rgb)
@@ -166,7 +173,7 @@ def test_upload_png_and_bad_upload(demo):
     assert [v for _, v in demo.examples.options] == [None]
     assert s.prediction.mask.shape == (40, 56)  # segmented at the upload's resolution
     before = s.prediction
-    demo.upload.value = png_upload_value(b"this is not an image", name="notes.txt",
+    demo.upload.value = upload_value(b"this is not an image", name="notes.txt",
                                          mime="text/plain")  # must not raise
     assert "notes.txt" in s.error and "not a readable image" in s.error
     assert "error" in demo.status.value and "notes.txt" in demo.status.value
@@ -179,10 +186,11 @@ def test_upload_png_and_bad_upload(demo):
 
 def test_empty_expression_and_no_image_are_reported(model, cfg):
     demo = make_demo(Predictor(model, cfg.model))  # no dataset: nothing is run
-    assert demo.state.num_predictions == 0 and demo.image_picker.options == (("(uploaded / none)", None),)
+    assert demo.state.num_predictions == 0
+    assert demo.image_picker.options == (("(uploaded / none)", None),)
     demo.text.value = "the red circle"  # no image yet
     assert "no image" in demo.state.error and "error" in demo.status.value
-    demo.upload.value = png_upload_value(_png(np.full((32, 32, 3), 200, np.uint8)))
+    demo.upload.value = upload_value(_png(np.full((32, 32, 3), 200, np.uint8)))
     assert demo.state.prediction.expression == "the red circle"
     demo.text.value = "   "  # ignored by the text observer
     demo.run_button.click()
@@ -202,3 +210,15 @@ def test_use_sample_and_static_figures(demo, dataset):
     assert _gids(main)["minimap"] and any(g.startswith("region-") for g in _gids(regions))
     with pytest.raises(ValueError, match="out of range"):
         demo.use_sample(len(dataset))
+
+
+def test_pick_examples_covers_every_kind_on_distinct_images(dataset):
+    picked = pick_examples(dataset, per_kind=2)
+    kinds = [int(dataset.meta(i)["expr_type"]) for i in picked]
+    images = [dataset.meta(i)["image_id"] for i in picked]
+    assert kinds == [0, 1, 2, 0, 1, 2]
+    assert len(set(images)) == len(images)
+    assert picked == pick_examples(dataset, per_kind=2)  # deterministic
+    assert min(picked) == 0  # greedy in dataset order: the first sample is always taken
+    with pytest.raises(ValueError, match="per_kind"):
+        pick_examples(dataset, per_kind=0)
