@@ -93,6 +93,7 @@ def tokenize(tokenizer: Any, sentence: str, max_tokens: int = 20) -> tuple[torch
 # Images
 # --------------------------------------------------------------------------------------------------
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_EXIF_ORIENTATION = 0x0112
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -120,7 +121,9 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
+            im.load()
+            if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                im = ImageOps.exif_transpose(im)
             return to_rgb(im)
     except (OSError, SyntaxError) as exc:
         raise ValueError(f"{path}: cannot decode image ({exc})") from exc
@@ -444,10 +447,13 @@ def build_dataset(
 ) -> GRESDataset:
     """A :class:`GRESDataset` from a :class:`gres.config.DataConfig`.
 
-    With ``cfg.dataset == "synthetic"`` and ``ensure=True`` the synthetic set is generated at
-    ``cfg.root`` when it is missing (idempotent, see :func:`gres.data.synthetic.generate`).
+    With ``cfg.dataset == "synthetic"`` and ``ensure=True`` the synthetic set
+    (``cfg.synthetic_preset``, ``cfg.synthetic_seed``) is generated at ``cfg.root`` when that
+    folder holds no annotations yet. An existing dataset is never replaced here (use
+    ``data_prep/make_synthetic.py --force`` for that).
     """
-    if cfg.dataset == "synthetic" and ensure:
+    refs_file = Path(cfg.root) / annotation_folder(cfg.dataset) / f"grefs({cfg.split_by}).json"
+    if cfg.dataset == "synthetic" and ensure and not refs_file.exists():
         from gres.data.synthetic import generate
 
         generate(cfg.root, getattr(cfg, "synthetic_preset", "default"),

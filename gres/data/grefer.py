@@ -30,10 +30,12 @@ class so code written against ``grefer.py`` keeps working.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
 import pickle
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,6 +43,7 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as coco_mask
+
 
 # Where users get the real data (printed in every "file missing" error and by check_grefcoco.py).
 GREFCOCO_URL = "https://github.com/henghuiding/gRefCOCO (Google Drive, or HF dataset FudanCVL/gRefCOCO)"
@@ -129,7 +132,9 @@ def check_segmentation(ann: dict, where: str = "") -> None:
     if seg is None or (isinstance(seg, list) and len(seg) == 0):
         raise ValueError(f"{where}: annotation {ann.get('id')} has no segmentation")
     if isinstance(seg, list):
-        valid_polygons(seg, f"{where}: annotation {ann.get('id')}")
+        if not any(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg):
+            raise ValueError(f"{where}: annotation {ann.get('id')}: every polygon has fewer than "
+                             f"3 points")
     elif isinstance(seg, dict):
         if "counts" not in seg or "size" not in seg:
             raise ValueError(f"{where}: annotation {ann.get('id')}: RLE without counts/size")
@@ -163,7 +168,9 @@ def rasterize_segmentation(
         rle = segmentation
         if isinstance(rle.get("counts"), list):  # uncompressed RLE
             rle = coco_mask.frPyObjects(rle, *rle["size"])
-        m = coco_mask.decode(rle).astype(bool)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools + numpy 2, harmless
+            m = coco_mask.decode(rle).astype(bool)
         if (oh, ow) != m.shape:
             from PIL import Image  # local import: only RLE needs it
 
@@ -177,7 +184,10 @@ def rasterize_segmentation(
         a[:, 1] *= sy
         polys.append(a.ravel().tolist())
     rles = coco_mask.frPyObjects(polys, oh, ow)
-    m = coco_mask.decode(rles)  # (H, W, parts) uint8
+    with warnings.catch_warnings():
+        # pycocotools 2.0.x passes copy=False to np.array on its RLE objects: numpy 2 warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        m = coco_mask.decode(rles)  # (H, W, parts) uint8
     return m.any(axis=2)
 
 
@@ -222,12 +232,18 @@ class GRefer:
                 f"{self.instances_file} not found. It ships with the {dataset} annotations: "
                 f"{GREFCOCO_URL if dataset == 'grefcoco' else REFER_URL}"
             )
-        if self.refs_file.suffix == ".json":
-            refs = load_json(self.refs_file)
-        else:
-            refs = safe_pickle_load(self.refs_file)
-        instances = load_json(self.instances_file)
-        self._create_index(refs, instances)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # millions of small containers: the cyclic GC would rescan them repeatedly
+        try:
+            if self.refs_file.suffix == ".json":
+                refs = load_json(self.refs_file)
+            else:
+                refs = safe_pickle_load(self.refs_file)
+            instances = load_json(self.instances_file)
+            self._create_index(refs, instances)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         if verbose:
             print(
                 f"GRefer({dataset}, {split_by}): {len(self.refs)} refs, {len(self.sents)} sentences, "

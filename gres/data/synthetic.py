@@ -319,6 +319,7 @@ def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig, style: str) -> 
         jitter = {"circle": 0.0, "square": 12, "triangle": 8, "diamond": 5, "star": 10, "cross": 8}
         angle = np.deg2rad(jitter[shapes[i]] * (2 * rng.random() - 1))
         aspect = 1.0 + 0.06 * (2 * rng.random() - 1)
+        ext = 1.3 * r + 1  # outlines reach 1.15 r (stars) plus rotation/aspect jitter
         want_overlap = i > 0 and rng.random() < cfg.overlap_prob
         placed = None
         for _ in range(60):
@@ -332,9 +333,9 @@ def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig, style: str) -> 
                 cx, cy = objs[j].cx + d * np.cos(t), objs[j].cy + d * np.sin(t)
             else:
                 j = -1
-                cx = r + 2 + (w - 2 * r - 4) * rng.random()
-                cy = r + 2 + (h - 2 * r - 4) * rng.random()
-            if not (r + 1 <= cx <= w - r - 1 and r + 1 <= cy <= h - r - 1):
+                cx = ext + (w - 2 * ext) * rng.random()
+                cy = ext + (h - 2 * ext) * rng.random()
+            if not (ext <= cx <= w - ext and ext <= cy <= h - ext):
                 continue
             ok = all(np.hypot(cx - o.cx, cy - o.cy) >= o.r + r + 3 for k, o in enumerate(objs) if k != j)
             if ok:
@@ -1481,7 +1482,8 @@ def generate(
         scenes, rendered, refs_by_image = [], [], []
         jobs = [(idx, split_of[idx], cfg, seed, img_dir / f"synthetic_{idx + 1:012d}.jpg")
                 for idx in range(len(split_of))]
-        bar = dict(total=len(jobs), desc=f"synthetic[{cfg.name}]", disable=not progress)
+        bar = dict(total=len(jobs), desc=f"synthetic[{cfg.name}]", disable=not progress,
+                   mininterval=2.0)
         if workers > 1:
             from concurrent.futures import ProcessPoolExecutor
 
