@@ -1,0 +1,152 @@
+"""Inference benchmark of the full-size ReLA model on CPU (eval forward, batch 1).
+
+Builds the paper configuration (Swin-B window 12, BERT-base shapes with random weights, pixel
+decoder 256, ReLA 256 / 9 layers, 480×480) and times, per component and end to end:
+
+* fp32 (the official evaluation precision), and
+* ``--bf16``: CPU autocast to bfloat16 for the whole model (pixel decoder included:
+  ``force_fp32`` off), an opt-in fast path.
+
+Also reports parameter counts, FLOPs of one forward (``torch.utils.flop_counter``) and the
+process's peak RSS. Run it on a quiet machine: with 2 torch threads, any other CPU-bound
+process distorts the numbers badly.
+
+    OMP_NUM_THREADS=2 python bench/bench_model.py --threads 2 --repeats 5 [--bf16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from gres.config import PRESETS
+from gres.model import build_model, count_parameters
+
+
+def _model(preset: str, size: int, bf16: bool, core: str) -> torch.nn.Module:
+    cfg = PRESETS[preset]().model
+    cfg = dataclasses.replace(
+        cfg,
+        image_size=size,
+        text=dataclasses.replace(cfg.text, name_or_path=None),  # bert-base shapes, random weights
+        swin=dataclasses.replace(cfg.swin, pretrained=None),
+        pixel_decoder=dataclasses.replace(cfg.pixel_decoder, force_fp32=not bf16, deform_core=core),
+    )
+    torch.manual_seed(0)
+    return build_model(cfg, load_pretrained=False).eval().requires_grad_(False)
+
+
+def _inputs(batch: int, size: int):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
+    ids = torch.randint(1000, 20000, (batch, 20), generator=g)
+    mask = torch.zeros(batch, 20, dtype=torch.bool)
+    mask[:, :12] = True
+    ids[:, 0], ids[:, 11] = 101, 102
+    ids[~mask] = 0
+    return images, ids, mask
+
+
+def _stages(model, images, ids, mask) -> dict[str, float]:
+    """One forward, timed per component (same calls as GRESModel.forward)."""
+    times = {}
+    t0 = time.perf_counter()
+    lang = model.text_encoder(ids, mask)
+    t1 = time.perf_counter()
+    feats = model.backbone(model.normalize(images), lang, mask)
+    t2 = time.perf_counter()
+    pix = model.pixel_decoder(feats)
+    t3 = time.perf_counter()
+    model.decoder(pix.multi_scale, pix.mask_features, lang)
+    t4 = time.perf_counter()
+    times.update(text=t1 - t0, backbone=t2 - t1, pixel_decoder=t3 - t2, decoder=t4 - t3, total=t4 - t0)
+    return times
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    model = _model(args.preset, args.size, args.bf16, args.core)
+    images, ids, mask = _inputs(args.batch, args.size)
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
+        for _ in range(args.warmup):
+            model(images, ids, mask)
+        stages = [_stages(model, images, ids, mask) for _ in range(args.repeats)]
+        e2e = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            out = model(images, ids, mask)
+            e2e.append(time.perf_counter() - t)
+    flops = None
+    if args.flops:  # FlopCounterMode does not work under inference_mode
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), autocast, counter:
+            model(images, ids, mask)
+        flops = counter.get_total_flops()
+    med = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
+    return {
+        "precision": "bf16-autocast" if args.bf16 else "fp32",
+        "deform_core": args.core,
+        "threads": args.threads,
+        "batch": args.batch,
+        "size": args.size,
+        "forward_s_median": statistics.median(e2e),
+        "forward_s_min": min(e2e),
+        "components_s_median": med,
+        "gflop": None if flops is None else flops / 1e9,
+        "params": count_parameters(model),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "output_finite": bool(torch.isfinite(out.mask_logits.float()).all()),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "load_avg_1min": os.getloadavg()[0],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="rela-swin-b")
+    p.add_argument("--size", type=int, default=480)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="CPU autocast bfloat16 (whole model)")
+    p.add_argument("--core", default="gather", choices=("gather", "grid_sample"),
+                   help="deformable-attention sampling implementation")
+    p.add_argument("--flops", action="store_true", help="also count FLOPs of one forward")
+    p.add_argument("--json", default=None, help="write the result here")
+    args = p.parse_args(argv)
+    result = run(args)
+    c = result["components_s_median"]
+    print(
+        f"{result['precision']:>14s} core={args.core} threads={args.threads}: forward "
+        f"{result['forward_s_median']:.3f} s (min {result['forward_s_min']:.3f}) | text {c['text']:.3f} "
+        f"backbone {c['backbone']:.3f} pixel decoder {c['pixel_decoder']:.3f} decoder "
+        f"{c['decoder']:.3f} | params {result['params']['total'] / 1e6:.1f} M | peak RSS "
+        f"{result['peak_rss_gib']:.2f} GiB"
+        + (f" | {result['gflop']:.1f} GFLOP" if result["gflop"] else "")
+        + f" | load {result['load_avg_1min']:.2f}"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
