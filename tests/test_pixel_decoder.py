@@ -182,3 +182,25 @@ def test_upsampling_matches_fpn_definition():
                            align_corners=False)
         expect = dec.mask_features(dec.layer_1(lateral + up))
     torch.testing.assert_close(out.mask_features, expect)
+
+
+def test_msdeformattn_cores_agree_including_parameter_grads():
+    """The gather path reorders the offset rows and works in pixels: same function and grads."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=3).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    S = sum(h * w for h, w in SHAPES)
+    query = torch.randn(2, S, 16, dtype=torch.float64)
+    ref = DeformableEncoder.reference_points(SHAPES, 2, torch.device("cpu")).double()
+    results = []
+    for core in ("grid_sample", "gather"):
+        attn.core = core
+        attn.zero_grad()
+        out = attn(query, ref, query, SHAPES)
+        (out * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in attn.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-5, msg=name)

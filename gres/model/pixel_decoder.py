@@ -191,8 +191,9 @@ class SamplingGeometry:
         ) * nh + torch.arange(nh, device=device, dtype=index_dtype).view(1, 1, nh, 1, 1)
         ref_x = ref_y = None
         if reference_points is not None:
-            wh = torch.tensor([[w, h] for h, w in zip(heights, widths)], device=device)
-            ref = reference_points.float() * wh - 0.5  # (N, Lq, nL, 2) pixel units
+            wh = torch.tensor([[w, h] for h, w in zip(heights, widths)], device=device,
+                              dtype=reference_points.dtype)
+            ref = reference_points * wh - 0.5  # (N, Lq, nL, 2) pixel units
             ref = ref[:, :, None, :, None, :].expand(N, Lq, nh, nL, nP, 2)
             ref_x, ref_y = ref[..., 0].contiguous(), ref[..., 1].contiguous()
         return SamplingGeometry(
