@@ -69,7 +69,9 @@ def _stages(model, images, ids, mask) -> dict[str, float]:
     t3 = time.perf_counter()
     model.decoder(pix.multi_scale, pix.mask_features, lang)
     t4 = time.perf_counter()
-    times.update(text=t1 - t0, backbone=t2 - t1, pixel_decoder=t3 - t2, decoder=t4 - t3, total=t4 - t0)
+    times.update(
+        text=t1 - t0, backbone=t2 - t1, pixel_decoder=t3 - t2, decoder=t4 - t3, total=t4 - t0
+    )
     return times
 
 
@@ -118,7 +120,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default="rela-swin-b")
     p.add_argument("--size", type=int, default=480)
     p.add_argument("--batch", type=int, default=1)
@@ -135,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     c = result["components_s_median"]
     print(
         f"{result['precision']:>14s} core={args.core} threads={args.threads}: forward "
-        f"{result['forward_s_median']:.3f} s (min {result['forward_s_min']:.3f}) | text {c['text']:.3f} "
+        f"{result['forward_s_median']:.3f} s (min {result['forward_s_min']:.3f}) | "
+        f"text {c['text']:.3f} "
         f"backbone {c['backbone']:.3f} pixel decoder {c['pixel_decoder']:.3f} decoder "
         f"{c['decoder']:.3f} | params {result['params']['total'] / 1e6:.1f} M | peak RSS "
         f"{result['peak_rss_gib']:.2f} GiB"

@@ -75,7 +75,9 @@ class StateDictReport:
         if self.unexpected:
             lines.append(f"  unexpected ({len(self.unexpected)}): {cut(self.unexpected)}")
         if self.shape_mismatches:
-            shapes = [f"{k} (weights {list(a)} vs model {list(b)})" for k, a, b in self.shape_mismatches]
+            shapes = [
+                f"{k} (weights {list(a)} vs model {list(b)})" for k, a, b in self.shape_mismatches
+            ]
             lines.append(f"  shape mismatches ({len(shapes)}): {cut(shapes)}")
         if self.dropped:
             lines.append(f"  dropped on purpose ({len(self.dropped)}): {cut(self.dropped)}")
@@ -86,7 +88,9 @@ class StateDictReport:
         return self.describe()
 
 
-def compare_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str = "") -> StateDictReport:
+def compare_state_dict(
+    model: nn.Module, state: Mapping[str, Tensor], source: str = ""
+) -> StateDictReport:
     """Which keys of ``state`` fit ``model`` (nothing is loaded)."""
     target = model.state_dict()
     report = StateDictReport(source=source)
@@ -149,7 +153,12 @@ def config_path(path: str | os.PathLike) -> Path:
 def _config_blob(cfg: ModelConfig | ExperimentConfig) -> dict[str, Any]:
     if not isinstance(cfg, (ModelConfig, ExperimentConfig)):
         raise TypeError(f"cfg must be a ModelConfig or ExperimentConfig, got {type(cfg).__name__}")
-    return {"format": FORMAT, "version": VERSION, "kind": type(cfg).__name__, "config": to_dict(cfg)}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": type(cfg).__name__,
+        "config": to_dict(cfg),
+    }
 
 
 def _atomic_replace(tmp: Path, final: Path) -> None:
@@ -158,7 +167,9 @@ def _atomic_replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def save_model(model: nn.Module, cfg: ModelConfig | ExperimentConfig | None, path: str | os.PathLike) -> Path:
+def save_model(
+    model: nn.Module, cfg: ModelConfig | ExperimentConfig | None, path: str | os.PathLike
+) -> Path:
     """Write ``model``'s weights (safetensors) and ``cfg`` (JSON beside it), atomically.
 
     Args:
@@ -213,7 +224,9 @@ def read_config(path: str | os.PathLike) -> ModelConfig | ExperimentConfig:
     if cpath.is_file():
         blob = json.loads(cpath.read_text())
         if blob.get("format") != FORMAT:
-            raise ValueError(f"{cpath} is not a gres checkpoint config (format {blob.get('format')!r})")
+            raise ValueError(
+                f"{cpath} is not a gres checkpoint config (format {blob.get('format')!r})"
+            )
         kind, data = blob.get("kind"), blob.get("config")
     else:
         if not path.is_file():

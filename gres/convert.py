@@ -102,7 +102,10 @@ def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{source}: expected a state dict (or {{'model': state_dict}}), got {type(obj).__name__}")
+        raise ValueError(
+            f"{source}: expected a state dict (or {{'model': state_dict}}), "
+            f"got {type(obj).__name__}"
+        )
     out: dict[str, Tensor] = {}
     bad = []
     for k, v in obj.items():
@@ -117,7 +120,9 @@ def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
     return out
 
 
-def read_checkpoint(src: str | os.PathLike | Mapping[str, Any], *, trust_pickle: bool = False) -> dict[str, Tensor]:
+def read_checkpoint(
+    src: str | os.PathLike | Mapping[str, Any], *, trust_pickle: bool = False
+) -> dict[str, Tensor]:
     """Read an official checkpoint into a flat ``{key: tensor}`` dict.
 
     Args:
@@ -240,7 +245,8 @@ def load_official_checkpoint(
         if stored is not None:
             report.dropped.append(LANG_WEIGHT)
     elif has_lang_weight and "decoder.lang_weight" in mapped:
-        report.notes.append(f"lang_weight loaded from the checkpoint ({float(mapped['decoder.lang_weight']):.6g})")
+        value = float(mapped["decoder.lang_weight"])
+        report.notes.append(f"lang_weight loaded from the checkpoint ({value:.6g})")
     return load_state_dict_checked(model, mapped, strict=strict, source=source, report=report)
 
 
@@ -256,7 +262,9 @@ def _get(d: Mapping[str, Any], path: str) -> Any:
     return cur
 
 
-def config_from_official(cfg: Mapping[str, Any], vectors_dir: str | os.PathLike | None = None) -> ModelConfig:
+def config_from_official(
+    cfg: Mapping[str, Any], vectors_dir: str | os.PathLike | None = None
+) -> ModelConfig:
     """Our :class:`ModelConfig` from an ``official_config.json`` of a test-vector set.
 
     Args:
@@ -271,7 +279,9 @@ def config_from_official(cfg: Mapping[str, Any], vectors_dir: str | os.PathLike 
     bert = _get(text, "bert_config")
     fusion_heads = set(_get(bb, "pwam.num_heads_fusion"))
     if len(fusion_heads) != 1:
-        raise ValueError(f"per-stage PWAM heads {sorted(fusion_heads)} are not supported (one value)")
+        raise ValueError(
+            f"per-stage PWAM heads {sorted(fusion_heads)} are not supported (one value only)"
+        )
     if _get(pd, "n_levels") != 3 or pd.get("num_fpn_levels", 1) != 1:
         raise ValueError("only 3 deformable levels (res3..res5) + 1 FPN level (res2) are supported")
     if pd.get("activation", "relu") != "relu" or dec.get("pre_norm", False):

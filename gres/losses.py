@@ -5,9 +5,9 @@
   all-zero mask (the official behaviour).
 * **region** (minimap): the (B, P, 2) region logits against the ground truth resized bilinearly
   to R×R and truncated with ``.long()``. Truncation makes a cell positive only when the resized
-  value is exactly 1: with scale ``s = S / R`` each cell reads the 2×2 ground-truth pixels around
-  its centre (rows/cols ``s·i + s/2 − 1`` and ``s·i + s/2`` for even ``s``), so it is centre-point
-  sampling, not area coverage.
+  value is exactly 1: with scale ``s = S / R`` each cell reads the 2×2 ground-truth pixels
+  around its centre (rows/cols ``s·i + s/2 − 1`` and ``s·i + s/2`` for even ``s``), so it is
+  centre-point sampling, not area coverage.
 * **no-target**: the (B, 2) logits against the no-target flag (class 1 = no target).
 
 Each CE uses the class weights ``[w0, w1]`` with mean reduction, i.e. ``Σ w_y ℓ / Σ w_y`` over
@@ -54,7 +54,9 @@ class GRESCriterion(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.register_buffer(
-            "class_weights", torch.tensor(cfg.ce_class_weights, dtype=torch.float32), persistent=False
+            "class_weights",
+            torch.tensor(cfg.ce_class_weights, dtype=torch.float32),
+            persistent=False,
         )
 
     def forward(self, output, gt_mask: Tensor, no_target: Tensor) -> dict[str, Tensor]:
@@ -82,7 +84,10 @@ class GRESCriterion(nn.Module):
         w = self.class_weights.to(output.mask_logits.device)
         # CE in fp32 (autocast runs log_softmax in fp32 too)
         logits = F.interpolate(
-            output.mask_logits.float(), size=gt_mask.shape[-2:], mode="bilinear", align_corners=False
+            output.mask_logits.float(),
+            size=gt_mask.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
         )  # (B, 2, S, S)
         loss_mask = F.cross_entropy(logits, gt_mask.long(), weight=w)
         cells = minimap_target(gt_mask, region_grid)  # (B, P)
@@ -92,4 +97,9 @@ class GRESCriterion(nn.Module):
         total = c.total_scale * (
             c.mask_weight * loss_mask + c.region_weight * loss_region + c.no_target_weight * loss_nt
         )
-        return {"loss_mask": loss_mask, "loss_region": loss_region, "loss_nt": loss_nt, "loss": total}
+        return {
+            "loss_mask": loss_mask,
+            "loss_region": loss_region,
+            "loss_nt": loss_nt,
+            "loss": total,
+        }

@@ -52,7 +52,8 @@ def _batch():
 def _official_state(model) -> dict[str, torch.Tensor]:
     """Our weights under the official names, plus what a real checkpoint may carry."""
     sd = ours_to_official(model.state_dict())
-    sd["backbone.layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
+    index = torch.zeros(16, 16, dtype=torch.long)
+    sd["backbone.layers.0.blocks.0.attn.relative_position_index"] = index
     sd["text_encoder.embeddings.position_ids"] = torch.arange(64).view(1, -1)
     return sd
 
@@ -166,7 +167,8 @@ def test_save_load_round_trip_and_atomicity(tmp_path):
     model = _model()
     path = tmp_path / "run" / "model.safetensors"
     save_model(model, model.cfg, path)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["model.safetensors", "model.safetensors.json"]
+    names = sorted(p.name for p in path.parent.iterdir())
+    assert names == ["model.safetensors", "model.safetensors.json"]  # no temporary files left
     blob = json.loads(config_path(path).read_text())
     assert blob["format"] == "gres-checkpoint" and blob["kind"] == "ModelConfig"
     loaded, cfg = load_model(path)
@@ -184,16 +186,17 @@ def test_checkpoint_that_does_not_fit_its_config(tmp_path):
     model = _model()
     path = tmp_path / "m.safetensors"
     save_model(model, model.cfg, path)
-    other = dataclasses.replace(model.cfg, decoder=dataclasses.replace(model.cfg.decoder, num_layers=4,
-                                                                       hidden_dim=48))
-    config_path(path).write_text(json.dumps({"format": "gres-checkpoint", "version": 1,
-                                             "kind": "ModelConfig",
-                                             "config": json.loads(json.dumps(dataclasses.asdict(other)))}))
+    decoder = dataclasses.replace(model.cfg.decoder, num_layers=4, hidden_dim=48)
+    other = dataclasses.replace(model.cfg, decoder=decoder)
+    blob = {"format": "gres-checkpoint", "version": 1, "kind": "ModelConfig",
+            "config": json.loads(json.dumps(dataclasses.asdict(other)))}
+    config_path(path).write_text(json.dumps(blob))
     with pytest.raises(ValueError) as err:
         load_model(path)
     msg = str(err.value)
     assert "missing" in msg and "decoder.RIA_layers.3.norm.weight" in msg
-    assert "shape mismatches" in msg and "decoder.RLA_vision.0.self_attn.in_proj_bias (weights [96] vs model [144])" in msg
+    assert "shape mismatches" in msg
+    assert "decoder.RLA_vision.0.self_attn.in_proj_bias (weights [96] vs model [144])" in msg
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nope.safetensors")
 
@@ -222,11 +225,14 @@ def test_load_timm_swin_into_a_full_model(tmp_path):
     model = build_model(_cfg())
     report = load_timm_swin(model, str(path))
     torch.testing.assert_close(model.backbone.patch_embed.proj.weight, swin.patch_embed.proj.weight)
-    assert report.missing and all(".fusion." in k or ".res_gate." in k or k.startswith("norm") for k in report.missing)
+    assert report.missing
+    assert all(".fusion." in k or ".res_gate." in k or k.startswith("norm") for k in report.missing)
     assert timm is not None
 
 
-@pytest.mark.skipif(not (VECTORS / "official_config.json").is_file(), reason="official vectors absent")
+@pytest.mark.skipif(
+    not (VECTORS / "official_config.json").is_file(), reason="official vectors absent"
+)
 def test_config_from_official_matches_the_preset():
     data = json.loads((VECTORS / "official_config.json").read_text())
     cfg = config_from_official(data, VECTORS)

@@ -14,7 +14,9 @@ from gres.losses import GRESCriterion, minimap_target
 
 
 def _output(mask_logits, region_logits, nt_logits):
-    return SimpleNamespace(mask_logits=mask_logits, region_logits=region_logits, nt_logits=nt_logits)
+    return SimpleNamespace(
+        mask_logits=mask_logits, region_logits=region_logits, nt_logits=nt_logits
+    )
 
 
 def _ce(logit0: float, logit1: float, y: int) -> float:
@@ -80,7 +82,8 @@ def test_all_no_target_batch_is_finite_with_grads():
     region = torch.randn(3, 16, 2, requires_grad=True)
     nt = torch.randn(3, 2, requires_grad=True)
     gt = torch.zeros(3, 32, 32, dtype=torch.bool)
-    losses = GRESCriterion(LossConfig())(_output(logits, region, nt), gt, torch.ones(3, dtype=torch.bool))
+    flags = torch.ones(3, dtype=torch.bool)
+    losses = GRESCriterion(LossConfig())(_output(logits, region, nt), gt, flags)
     assert all(torch.isfinite(v) for v in losses.values())
     losses["loss"].backward()
     for t in (logits, region, nt):
@@ -100,7 +103,8 @@ def test_mixed_batch_is_weighted_mean_of_samples():
     batch = crit(_output(logits, region, nt), gt, flags)
     num = den = 0.0
     for b in range(2):
-        one = crit(_output(logits[b : b + 1], region[b : b + 1], nt[b : b + 1]), gt[b : b + 1], flags[b : b + 1])
+        sl = slice(b, b + 1)
+        one = crit(_output(logits[sl], region[sl], nt[sl]), gt[sl], flags[sl])
         wsum = (gt[b].float() * 1.1 + (~gt[b]).float() * 0.9).sum()
         num += one["loss_mask"] * wsum
         den += wsum

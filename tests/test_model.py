@@ -63,7 +63,8 @@ def test_forward_backward_is_fast_and_reaches_every_trainable_parameter():
     model(*batch)  # warm-up (first-call allocations)
     start = time.perf_counter()
     out = model(*batch)
-    loss = out.mask_logits.mean() + out.region_logits.square().mean() + out.nt_logits.square().mean()
+    loss = out.mask_logits.mean() + out.region_logits.square().mean()
+    loss = loss + out.nt_logits.square().mean()
     loss.backward()
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0, f"tiny-test forward+backward took {elapsed:.2f} s"
@@ -91,7 +92,8 @@ def test_normalisation_uses_pixel_mean_std():
     model = _model().eval()
     images = torch.full((1, 3, 64, 64), 100.0)
     norm = model.normalize(images)
-    torch.testing.assert_close(norm[0, :, 0, 0], (100.0 - torch.tensor(model.cfg.pixel_mean)) / torch.tensor(model.cfg.pixel_std))
+    mean, std = torch.tensor(model.cfg.pixel_mean), torch.tensor(model.cfg.pixel_std)
+    torch.testing.assert_close(norm[0, :, 0, 0], (100.0 - mean) / std)
 
 
 def test_extras_hold_every_stage():
@@ -99,9 +101,11 @@ def test_extras_hold_every_stage():
     with torch.no_grad():
         out = model(*_batch(), return_extras=True)
     ex = out.extras
-    for key in ("text_last_hidden_state", "backbone_res2", "backbone_res5", "backbone_swin_tokens_s3",
-                "pixdec_mask_features", "pixdec_ms0", "pixdec_ms2", "dec_ria_out", "dec_queries",
-                "dec_pred_masks", "dec_attn_mask0", "dec_attn_full_rows", "dec_after_lang"):
+    for key in (
+        "text_last_hidden_state", "backbone_res2", "backbone_res5", "backbone_swin_tokens_s3",
+        "pixdec_mask_features", "pixdec_ms0", "pixdec_ms2", "dec_ria_out", "dec_queries",
+        "dec_pred_masks", "dec_attn_mask0", "dec_attn_full_rows", "dec_after_lang",
+    ):
         assert key in ex, key
     assert ex["text_last_hidden_state"].shape == (2, 20, 32)
     assert ex["backbone_res2"].shape == (2, 16, 16, 16)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from gres.convert import config_from_official, load_official_checkpoint
 from gres.model import build_model, postprocess
 
-DEFAULT_VECTORS = Path(__file__).resolve().parents[1].parent / "shared/reference/rela_official_tiny/public"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VECTORS = REPO.parent / "shared/reference/rela_official_tiny/public"
 VECTORS = Path(os.environ.get("GRES_OFFICIAL_VECTORS", str(DEFAULT_VECTORS)))
 REQUIRED = ("official_config.json", "state_dict.safetensors", "inputs.npz", "outputs.npz")
 
@@ -84,7 +85,10 @@ def model(vectors):
 
 def _inputs(vectors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     inp = vectors["inputs"]
-    image = torch.from_numpy(inp["image_u8"]).permute(0, 3, 1, 2) if "image_u8" in inp else torch.from_numpy(inp["image"])
+    if "image_u8" in inp:  # (B, H, W, 3) uint8
+        image = torch.from_numpy(inp["image_u8"]).permute(0, 3, 1, 2)
+    else:  # (B, 3, H, W) float32 0..255
+        image = torch.from_numpy(inp["image"])
     return image, torch.from_numpy(inp["lang_tokens"]), torch.from_numpy(inp["lang_mask"]).bool()
 
 
@@ -92,7 +96,8 @@ def _inputs(vectors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 # Candidate arrays in the vector layout, and the README's comparison rule
 # --------------------------------------------------------------------------------------------------
 def _final_arrays(out, size: tuple[int, int]) -> dict[str, np.ndarray]:
-    ref_seg = F.interpolate(out.mask_logits, size=size, mode="bilinear", align_corners=False).sigmoid()
+    ref_seg = F.interpolate(out.mask_logits, size=size, mode="bilinear", align_corners=False)
+    ref_seg = ref_seg.sigmoid()
     pred_mask, pred_nt, _ = postprocess(out, size)
     return {
         "pred_masks": out.mask_logits.numpy(),
@@ -117,7 +122,8 @@ def _fragile_pixels(ref: dict[str, np.ndarray], size: tuple[int, int]) -> np.nda
                            align_corners=False).numpy()
     eps = RTOL_ABSMAX * float(np.abs(ref["pred_masks"]).max())
     lo, hi = np.minimum(logits[:, 0], logits[:, 1]), np.maximum(logits[:, 0], logits[:, 1])
-    return (np.abs(logits[:, 1] - logits[:, 0]) <= 2 * eps) | (lo >= SAT_HI - eps) | (hi <= SAT_LO + eps)
+    tie = np.abs(logits[:, 1] - logits[:, 0]) <= 2 * eps
+    return tie | (lo >= SAT_HI - eps) | (hi <= SAT_LO + eps)
 
 
 def _compare(ref: dict, cand: dict, *, skip_masks: bool = False) -> list[str]:
@@ -125,7 +131,9 @@ def _compare(ref: dict, cand: dict, *, skip_masks: bool = False) -> list[str]:
     fails = []
     size = tuple(ref["final_mask"].shape[-2:]) if "final_mask" in ref else None
     for k, a in ref.items():
-        if k.startswith(("dec_attn_logit_", "dec_attn_near0_")) or (skip_masks and k.startswith("dec_attn_mask")):
+        if k.startswith(("dec_attn_logit_", "dec_attn_near0_")):
+            continue  # diagnostics
+        if skip_masks and k.startswith("dec_attn_mask"):
             continue
         if k not in cand:
             fails.append(f"{k}: missing")
@@ -166,7 +174,8 @@ def _mask_flips(ref: dict, cand: dict) -> tuple[list[int], list[str]]:
             if allowed.all():
                 flipped.append(i)
             else:
-                fails.append(f"dec_attn_mask{i}: {int((~allowed).sum())} bits differ away from the threshold")
+                n_bad = int((~allowed).sum())
+                fails.append(f"dec_attn_mask{i}: {n_bad} bits differ away from the threshold")
         i += 1
     return flipped, fails
 
@@ -190,13 +199,16 @@ def test_tokenizer_reproduces_the_stored_tokens(vectors):
     if "sentences" not in inp or not vocab:
         pytest.skip("this set stores no sentences / vocabulary")
     tok = build_tokenizer(str(VECTORS / vocab))
-    ids, mask = tokenize(tok, [str(s) for s in inp["sentences"]], vectors["cfg"]["text"]["max_tokens"])
+    sentences = [str(s) for s in inp["sentences"]]
+    ids, mask = tokenize(tok, sentences, vectors["cfg"]["text"]["max_tokens"])
     assert np.array_equal(ids.numpy(), inp["lang_tokens"])
     assert np.array_equal(mask.numpy(), inp["lang_mask"].astype(bool))
 
 
 def test_conversion_is_strict_and_complete(model):
-    report = load_official_checkpoint(model, VECTORS / "state_dict.safetensors", use_stored_lang_weight=True)
+    report = load_official_checkpoint(
+        model, VECTORS / "state_dict.safetensors", use_stored_lang_weight=True
+    )
     assert report.ok and not report.missing and not report.unexpected
     assert all(k.endswith("relative_position_index") for k in report.dropped)
 
@@ -213,7 +225,8 @@ def test_matches_official_outputs_with_stored_lang_weight(vectors, model, tmp_pa
     flipped, mask_fails = _mask_flips(ref, cand)
     assert not mask_fails, mask_fails
     if flipped:  # README §6: rerun with the stored masks forced into the decoder
-        forced = [torch.from_numpy(ref[f"dec_attn_mask{i}"]) for i in range(len(out.extras["dec_attn_full_rows"]))]
+        n_layers = len(out.extras["dec_attn_full_rows"])
+        forced = [torch.from_numpy(ref[f"dec_attn_mask{i}"]) for i in range(n_layers)]
         with torch.no_grad():
             out = model(*_inputs(vectors), return_extras=True, forced_attn_masks=forced)
         cand = _candidate(out, size)
@@ -259,9 +272,13 @@ def _near_threshold_search(model, vectors, ref: dict, size) -> tuple[list[str], 
         best = (error(current), None)
         for layer in range(n_layers):
             logits = current.extras[f"dec_attn_logits{layer}"]
-            masks = [current.extras[f"dec_attn_mask{j}"] for j in range(layer + 1)]
+            # masks used so far: the forced ones, else the computed ones
+            used = [
+                forced[j] if forced[j] is not None else current.extras[f"dec_attn_mask{j}"]
+                for j in range(layer + 1)
+            ]
             for b, q, p in (logits.abs() < NEAR).nonzero().tolist():
-                trial = [forced[j] if forced[j] is not None else masks[j].clone() for j in range(layer + 1)]
+                trial = list(used)
                 trial[layer] = trial[layer].clone()
                 trial[layer][b, q, p] = ~trial[layer][b, q, p]
                 trial += [None] * (n_layers - layer - 1)

@@ -109,7 +109,8 @@ def test_pixel_decoder_shapes_and_cores_agree():
     feats = _features()
     out = dec(feats)
     assert out.mask_features.shape == (2, 12, 16, 16)
-    assert [tuple(m.shape) for m in out.multi_scale] == [(2, 16, 2, 2), (2, 16, 4, 4), (2, 16, 8, 8)]
+    shapes = [tuple(m.shape) for m in out.multi_scale]
+    assert shapes == [(2, 16, 2, 2), (2, 16, 4, 4), (2, 16, 8, 8)]
     for m in dec.modules():
         if isinstance(m, MSDeformAttn):
             m.core = "grid_sample"

@@ -44,7 +44,8 @@ def test_shapes_and_extras():
     assert out.nt_logits.shape == (B, 2)
     assert out.region_masks.shape == (B, 9, 16, 16)
     ex = out.extras
-    assert ex["dec_ria_out"].shape == ex["dec_rla_out"].shape == ex["dec_queries"].shape == (4, B, 9, D)
+    for key in ("dec_ria_out", "dec_rla_out", "dec_queries"):
+        assert ex[key].shape == (4, B, 9, D)
     assert ex["dec_pred_logits"].shape == (5, B, 9, 2)
     assert ex["dec_pred_masks"].shape == (5, B, 2, 16, 16)
     assert ex["dec_nt_label"].shape == (5, B, 2)
@@ -120,7 +121,8 @@ def test_teacher_forcing_replaces_the_masks():
     if flipped[0][0, 0].all():
         flipped[0][0, 0, 1] = False
     other = dec(ms, mf, lang, return_extras=True, forced_attn_masks=flipped)
-    assert not torch.allclose(other.extras["dec_ria_out"][0, 0, 0], out.extras["dec_ria_out"][0, 0, 0])
+    changed = other.extras["dec_ria_out"][0, 0, 0]
+    assert not torch.allclose(changed, out.extras["dec_ria_out"][0, 0, 0])
     # the computed (not the forced) masks are reported
     assert torch.equal(other.extras["dec_attn_mask0"], computed[0])
     with pytest.raises(ValueError, match="one mask per layer"):
@@ -229,7 +231,8 @@ def test_backward_reaches_all_parameters():
     _perturb(dec)
     ms, mf, lang = _inputs()
     out = dec(ms, mf, lang)
-    (out.mask_logits.mean() + out.region_logits.square().mean() + out.nt_logits.square().mean()).backward()
+    loss = out.mask_logits.mean() + out.region_logits.square().mean()
+    (loss + out.nt_logits.square().mean()).backward()
     for name, p in dec.named_parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
 

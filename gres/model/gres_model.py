@@ -83,8 +83,10 @@ class GRESModel(nn.Module):
         self.text_encoder = text_encoder
         self.size_divisibility = size_divisibility
         # GRES.py:58-59: non-persistent buffers, not in checkpoints
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), persistent=False)
+        mean = torch.tensor(pixel_mean).view(1, -1, 1, 1)
+        std = torch.tensor(pixel_std).view(1, -1, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
 
     def check_inputs(self, images: Tensor, input_ids: Tensor, text_mask: Tensor) -> None:
         """Raise ``ValueError`` naming the problem for malformed inputs."""
@@ -101,7 +103,8 @@ class GRESModel(nn.Module):
             raise ValueError(f"input_ids must be (B={B}, L), got shape {tuple(input_ids.shape)}")
         if text_mask.shape != input_ids.shape:
             raise ValueError(
-                f"text_mask shape {tuple(text_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                f"text_mask shape {tuple(text_mask.shape)} != input_ids shape "
+                f"{tuple(input_ids.shape)}"
             )
         if text_mask.dtype != torch.bool:
             raise ValueError(f"text_mask must be bool (True = real token), got {text_mask.dtype}")
@@ -197,7 +200,9 @@ def postprocess(
         ``sigmoid(nt_logits)[:, 1]``.
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
-    logits = F.interpolate(output.mask_logits.float(), size=size, mode="bilinear", align_corners=False)
+    logits = F.interpolate(
+        output.mask_logits.float(), size=size, mode="bilinear", align_corners=False
+    )  # (B, 2, h, w)
     probs = logits.sigmoid()  # (B, 2, h, w)
     pred_mask = probs[:, 1] > probs[:, 0]  # argmax; a tie goes to class 0
     nt_probs = output.nt_logits.float().sigmoid()  # (B, 2)
@@ -267,7 +272,8 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
 
     if cfg.image_size % cfg.size_divisibility:
         raise ValueError(
-            f"image_size {cfg.image_size} is not a multiple of size_divisibility {cfg.size_divisibility}"
+            f"image_size {cfg.image_size} is not a multiple of size_divisibility "
+            f"{cfg.size_divisibility}"
         )
     d = cfg.decoder
     if d.region_grid < 1:

@@ -71,7 +71,8 @@ class PositionEmbeddingSine(nn.Module):
         y_embed = y_embed / (y_embed[:, -1:, :] + self.eps) * self.scale
         x_embed = x_embed / (x_embed[:, :, -1:] + self.eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
+        dim_t = torch.div(dim_t, 2, rounding_mode="floor")
+        dim_t = self.temperature ** (2 * dim_t / self.num_pos_feats)
         pos_x = x_embed[..., None] / dim_t  # (1, H, W, F)
         pos_y = y_embed[..., None] / dim_t
         pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
@@ -317,7 +318,8 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         if core not in MS_DEFORM_ATTN_CORES:
             raise ValueError(f"unknown deformable-attention core {core!r}")
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.d_model, self.n_levels = d_model, n_levels
+        self.n_heads, self.n_points = n_heads, n_points
         self.core = core
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
@@ -373,7 +375,8 @@ class MSDeformAttn(nn.Module):
             normalizer = torch.tensor(
                 [[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
             )  # (nL, 2) as (W, H)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            offsets = offsets / normalizer[None, None, None, :, None, :]
+            locations = reference_points[:, :, None, :, None, :] + offsets
             out = ms_deform_attn_grid_sample(value, spatial_shapes, locations, weights)
         else:
             # softmax over the nL*nP samples, written out: ~5x faster than softmax() on a last
@@ -470,7 +473,9 @@ class DeformableEncoder(nn.Module):
         ref = torch.cat(points, 0)  # (S, 2)
         return ref[None, :, None, :].expand(batch, -1, len(spatial_shapes), -1)
 
-    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Sequence[tuple[int, int]]) -> Tensor:
+    def forward(
+        self, src: Tensor, pos: Tensor, spatial_shapes: Sequence[tuple[int, int]]
+    ) -> Tensor:
         """src, pos: (N, S, D). Returns (N, S, D)."""
         N, S, _ = src.shape
         ref = self.reference_points(spatial_shapes, N, src.device)  # (N, S, nL, 2) fp32
@@ -519,7 +524,7 @@ class DeformableTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official init: xavier on every matrix, then MSDeformAttn's init, level_embed ~ N(0, 1)."""
+        """Official init: xavier on every matrix, MSDeformAttn's own init, level_embed ~ N(0, 1)."""
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
@@ -571,7 +576,9 @@ class ConvNorm(nn.Conv2d):
         norm: nn.Module,
         activation: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        super().__init__(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
+        )
         self.norm = norm
         self.activation = activation
 
@@ -657,7 +664,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         )
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2)
         # Extra FPN level at stride 4 (num_fpn_levels = log2(8) - log2(4) = 1)
-        self.adapter_1 = ConvNorm(in_channels[0], conv_dim, 1, norm=nn.GroupNorm(norm_groups, conv_dim))
+        self.adapter_1 = ConvNorm(
+            in_channels[0], conv_dim, 1, norm=nn.GroupNorm(norm_groups, conv_dim)
+        )
         self.layer_1 = ConvNorm(
             conv_dim, conv_dim, 3, norm=nn.GroupNorm(norm_groups, conv_dim), activation=F.relu
         )

@@ -391,7 +391,8 @@ class ReLADecoder(nn.Module):
             if return_extras:
                 record("dec_pred_masks", heads["mask_logits"])
             if not last:
-                logits = self._attn_logits(heads["embed"], small_features[(i + 1) % self.num_levels])
+                nxt = small_features[(i + 1) % self.num_levels]
+                logits = self._attn_logits(heads["embed"], nxt)
                 blocked = logits.sigmoid() < 0.5
 
         extras: dict[str, Tensor] = {}
