@@ -597,6 +597,141 @@ def plot_attention_masks(
 
 
 # --------------------------------------------------------------------------------------------------
+# Choosing examples by rule (qualitative figures) and rendering the model's answers
+# --------------------------------------------------------------------------------------------------
+EXAMPLE_KINDS = ("single", "multi", "no-target")  # expr_type 0, 1, 2 (data contract)
+
+# rule -> (description, filter, sort key); records as written by gres.engine.evaluate
+EXAMPLE_RULES: dict[str, tuple[str, Any, Any]] = {
+    "best-multi": ("multi-target expressions, highest IoU first",
+                   lambda r: r["kind"] == "multi", lambda r: (-r["IoU"], r["index"])),
+    "best-single": ("single-target expressions, highest IoU first",
+                    lambda r: r["kind"] == "single", lambda r: (-r["IoU"], r["index"])),
+    "worst-target": ("expressions with targets, lowest IoU first (larger targets first on ties)",
+                     lambda r: not r["gt_nt"], lambda r: (r["IoU"], -r["gt_area"], r["index"])),
+    "worst-multi": ("multi-target expressions, lowest IoU first (larger targets first on ties)",
+                    lambda r: r["kind"] == "multi",
+                    lambda r: (r["IoU"], -r["gt_area"], r["index"])),
+    "missed-no-target": ("no-target expressions the model answers with a target (official FN), "
+                         "most confident first",
+                         lambda r: r["gt_nt"] and not r["pred_nt"],
+                         lambda r: (r["nt_prob"], -r["pred_area"], r["index"])),
+    "false-rejection": ("expressions with targets the model calls no-target (official FP), "
+                        "most confident first",
+                        lambda r: not r["gt_nt"] and r["pred_nt"],
+                        lambda r: (-r["nt_prob"], r["index"])),
+    "detected-no-target": ("no-target expressions the model rejects (official TP), most "
+                           "confident first", lambda r: r["gt_nt"] and r["pred_nt"],
+                           lambda r: (-r["nt_prob"], r["index"])),
+}
+
+
+def _kind(expr_type: Any) -> str:
+    return expr_type if isinstance(expr_type, str) else EXAMPLE_KINDS[int(expr_type)]
+
+
+def select_records(
+    records: Sequence[Mapping[str, Any]],
+    rule: str,
+    k: int = 3,
+    distinct_images: bool = True,
+) -> list[dict[str, Any]]:
+    """The ``k`` evaluation records that a rule of :data:`EXAMPLE_RULES` ranks first.
+
+    Figures of successes and failures are chosen by rule, never by hand: each rule filters the
+    per-sample records of :func:`gres.engine.evaluate` (keys ``index``, ``image_id``,
+    ``expr_type``, ``gt_nt``, ``pred_nt``, ``nt_prob``, ``IoU``, ``pred_area``, ``gt_area``) and
+    sorts them; ties are broken by the dataset index, so the choice is deterministic.
+
+    Args:
+        records: per-sample evaluation records.
+        rule: a key of :data:`EXAMPLE_RULES`.
+        k: how many to return (fewer when fewer match).
+        distinct_images: at most one record per image.
+
+    Returns:
+        Copies of the chosen records with ``kind`` (single / multi / no-target) and ``rule`` added.
+
+    Raises:
+        ValueError: unknown rule, or records lacking a needed key.
+    """
+    if rule not in EXAMPLE_RULES:
+        raise ValueError(f"unknown rule {rule!r}; known: {sorted(EXAMPLE_RULES)}")
+    _, keep, key = EXAMPLE_RULES[rule]
+    need = ("index", "expr_type", "gt_nt", "pred_nt", "nt_prob", "IoU", "pred_area", "gt_area")
+    rows = []
+    for r in records:
+        missing = [n for n in need if n not in r]
+        if missing:
+            raise ValueError(f"record {r.get('index')} lacks {missing} (use gres.engine records)")
+        rows.append({**r, "kind": _kind(r["expr_type"]), "rule": rule})
+    chosen, images = [], set()
+    for r in sorted((r for r in rows if keep(r)), key=key):
+        if distinct_images and r.get("image_id") is not None:
+            if r["image_id"] in images:
+                continue
+            images.add(r["image_id"])
+        chosen.append(r)
+        if len(chosen) == k:
+            break
+    return chosen
+
+
+def predict_examples(
+    model: Any, dataset: Any, indices: Sequence[int], device: Any = "cpu"
+) -> list[dict[str, Any]]:
+    """Run a GRES model on dataset samples; one :func:`show_grid`-ready dict per sample.
+
+    Args:
+        model: a :class:`gres.model.GRESModel` (or variant), any mode (run under ``no_grad`` in
+            eval mode, restored afterwards).
+        dataset: a :class:`gres.data.dataset.GRESDataset`.
+        indices: sample indices.
+        device: where to run.
+
+    Returns:
+        Dicts with the sample's ``image``, ``gt_mask``, ``no_target``, ``meta`` and the answer:
+        ``pred_mask`` (S, S) bool as predicted (not emptied on a no-target decision, as in the
+        official evaluator), ``pred_no_target`` (official argmax rule), ``nt_prob`` (softmax
+        probability of "no target"), ``minimap`` (R, R) region probabilities (None for heads
+        without regions), ``IoU`` of the mask alone.
+    """
+    import torch
+
+    from gres.data.dataset import collate
+    from gres.model import postprocess
+
+    indices = [int(i) for i in indices]
+    if not indices:
+        return []
+    samples = [dataset[i] for i in indices]
+    batch = collate(samples).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(batch.image, batch.input_ids, batch.text_mask)
+    finally:
+        model.train(was_training)
+    pred, pred_nt, _ = postprocess(out, tuple(batch.gt_mask.shape[-2:]))  # (B, S, S), (B,)
+    nt_prob = out.nt_logits.float().softmax(-1)[:, 1]  # (B,)
+    regions = out.region_logits.float().softmax(-1)[..., 1]  # (B, P)
+    side = math.isqrt(regions.shape[1])
+    result = []
+    for k, (i, s) in enumerate(zip(indices, samples)):
+        p, g = pred[k].cpu(), s["gt_mask"]
+        union = int((p | g).sum())
+        result.append({
+            "index": i, "image": s["image"], "gt_mask": g, "no_target": s["no_target"],
+            "meta": s["meta"], "pred_mask": p, "pred_no_target": bool(pred_nt[k]),
+            "nt_prob": float(nt_prob[k]),
+            "minimap": regions[k].reshape(side, side).cpu() if side > 1 else None,
+            "IoU": int((p & g).sum()) / union if union else float(not g.any()),
+        })
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
 # Curves and comparisons
 # --------------------------------------------------------------------------------------------------
 def plot_curves(

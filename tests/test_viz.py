@@ -234,3 +234,90 @@ def test_plot_attention_masks_rows_columns_and_allowed_area(scene):
         viz.plot_attention_masks(probs, [16])
     with pytest.raises(ValueError, match="number of regions"):
         viz.plot_attention_masks([probs[0], torch.rand(9, 4, 4)], [0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Examples chosen by rule, and the model's answers on them
+# --------------------------------------------------------------------------------------------------
+def _record(index, kind, iou, gt_nt=False, pred_nt=False, nt_prob=0.1, image_id=None,
+            gt_area=10, pred_area=10):
+    return {"index": index, "image_id": index if image_id is None else image_id,
+            "expr_type": kind, "gt_nt": gt_nt, "pred_nt": pred_nt, "nt_prob": nt_prob,
+            "IoU": iou, "gt_area": gt_area, "pred_area": pred_area}
+
+
+def test_select_records_rules_are_deterministic_and_exclusive():
+    recs = [
+        _record(0, "multi", 0.9, image_id=7),
+        _record(1, "multi", 0.95, image_id=7),  # same image as 0: only the better one is kept
+        _record(2, "single", 0.99),
+        _record(3, 1, 0.2, gt_area=50),  # integer expr_type accepted
+        _record(4, "multi", 0.2, gt_area=20),
+        _record(5, "no-target", 0.0, gt_nt=True, pred_nt=False, nt_prob=0.3, gt_area=0),
+        _record(6, "no-target", 0.0, gt_nt=True, pred_nt=False, nt_prob=0.05, gt_area=0),
+        _record(8, "no-target", 1.0, gt_nt=True, pred_nt=True, nt_prob=0.9, gt_area=0),
+        _record(9, "single", 0.0, pred_nt=True, nt_prob=0.8),
+    ]
+    best = viz.select_records(recs, "best-multi", k=5)
+    assert [r["index"] for r in best] == [1, 3, 4]
+    assert [r["index"] for r in viz.select_records(recs, "best-multi", 5, distinct_images=False)] \
+        == [1, 0, 3, 4]
+    assert best[0]["kind"] == "multi" and best[0]["rule"] == "best-multi"
+    # worst: lowest IoU, the larger target first on ties; no-target expressions never included
+    assert [r["index"] for r in viz.select_records(recs, "worst-target", 3)] == [9, 3, 4]
+    assert [r["index"] for r in viz.select_records(recs, "worst-multi", 1)] == [3]
+    # most confident mistakes first
+    assert [r["index"] for r in viz.select_records(recs, "missed-no-target", 5)] == [6, 5]
+    assert [r["index"] for r in viz.select_records(recs, "false-rejection", 5)] == [9]
+    assert [r["index"] for r in viz.select_records(recs, "detected-no-target", 5)] == [8]
+    assert viz.select_records(recs, "best-single", 1)[0]["index"] == 2
+    assert "index" in recs[0] and "kind" not in recs[0]  # inputs untouched
+    with pytest.raises(ValueError, match="unknown rule"):
+        viz.select_records(recs, "prettiest")
+    with pytest.raises(ValueError, match="lacks"):
+        viz.select_records([{"index": 0}], "best-multi")
+
+
+def test_predict_examples_matches_postprocess():
+    from gres.config import tiny_test
+    from gres.data.dataset import collate
+    from gres.model import build_model, postprocess
+
+    cfg = tiny_test().model
+    torch.manual_seed(0)
+    model = build_model(cfg, load_pretrained=False).train()
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for k in range(3):
+        gt = torch.zeros(64, 64, dtype=torch.bool)
+        if k != 2:
+            gt[8 * k:8 * k + 20, 10:30] = True
+        ids = torch.zeros(20, dtype=torch.int64)
+        ids[:5] = torch.tensor([101, 1996, 2417 + k, 3899, 102])
+        samples.append({
+            "image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=g),
+            "input_ids": ids, "text_mask": ids > 0, "gt_mask": gt,
+            "no_target": torch.tensor(k == 2), "expr_type": torch.tensor(2 if k == 2 else 0),
+            "meta": {"sentence": f"thing {k}", "image_id": k},
+        })
+    out = viz.predict_examples(model, samples, [2, 0])
+    assert model.training  # mode restored
+    assert [o["index"] for o in out] == [2, 0]
+    model.eval()
+    with torch.no_grad():
+        raw = model(*(getattr(collate([samples[2], samples[0]]), f)
+                      for f in ("image", "input_ids", "text_mask")))
+    pred, pred_nt, _ = postprocess(raw, 64)
+    for k, o in enumerate(out):
+        assert torch.equal(o["pred_mask"], pred[k])
+        assert o["pred_no_target"] == bool(pred_nt[k])
+        assert o["nt_prob"] == pytest.approx(float(raw.nt_logits[k].softmax(-1)[1]))
+        assert tuple(o["minimap"].shape) == (4, 4)
+        assert 0.0 <= float(o["minimap"].min()) and float(o["minimap"].max()) <= 1.0
+    gt0, p0 = samples[0]["gt_mask"], out[1]["pred_mask"]
+    union = int((gt0 | p0).sum())
+    assert out[1]["IoU"] == pytest.approx(int((gt0 & p0).sum()) / union)
+    assert out[0]["IoU"] == float(not out[0]["pred_mask"].any())  # empty GT
+    fig = viz.show_grid(out, ncols=2)  # the dicts plot as they are
+    assert len(fig.axes) == 2
+    assert viz.predict_examples(model, samples, []) == []
