@@ -8,7 +8,9 @@ Every paper number the book prints comes through this module, never typed by han
 * :func:`compare` aligns our results with the paper's on key columns and adds ``paper``, ``ours``,
   ``delta`` (= ours - paper) and ``within_tol``;
 * :func:`ordering` / :func:`ordering_agrees` say whether our ranking of methods (or variants)
-  agrees with the paper's, so that the book can state a disagreement instead of hiding it.
+  agrees with the paper's, so that the book can state a disagreement instead of hiding it;
+* :func:`side_by_side` shows every paper row beside ours (unreproduced rows marked "paper only"),
+  and :func:`paired_gaps` / :func:`sample_ious` say which of our differences exceed their noise.
 
 See ``paper_results/README.md`` for the schema, units and transcription notes.
 """
@@ -367,7 +369,125 @@ def check_schema(df: pd.DataFrame, name: str = "table") -> None:
         raise ValueError(f"{name}: non-numeric values {list(bad['value'])} with a numeric unit")
 
 
+# --------------------------------------------------------------------------------------------------
+# Reproduced tables: the paper's rows beside ours, and how noisy our differences are
+# --------------------------------------------------------------------------------------------------
+def side_by_side(
+    ours: pd.DataFrame,
+    table: str | int,
+    metrics: Sequence[str],
+    *,
+    splits: Sequence[str] | None = None,
+    item: str = "method",
+    digits: int = 1,
+    missing: str = "paper only",
+    **filters: object,
+) -> pd.DataFrame:
+    """A display table: every paper row (printed order) with the paper's value and ours side by side.
+
+    Args:
+        ours: long form with ``item``, ``split``, ``metric``, ``ours`` and optionally ``std`` and
+            ``n_seeds`` (e.g. :func:`gres.experiments.paper_frame`); rows the paper does not
+            print are appended after the paper's rows.
+        table: paper table, as for :func:`load`.
+        metrics: metric columns, in this order.
+        splits: splits shown (default: those of ``ours``); with one split the column index is
+            ``(metric, source)``, else ``(split, metric, source)``, source = ``paper`` / ``ours``.
+        digits: decimals of our values (paper values are shown as printed).
+        missing: text of a cell we did not reproduce.
+        **filters: restrict the paper table first.
+
+    Returns:
+        DataFrame of strings; ours is ``"mean ± std"`` when ``n_seeds > 1``, else ``"mean"``.
+    """
+    paper_df = _select(load(table), filters)
+    splits = list(splits) if splits is not None else list(dict.fromkeys(ours["split"]))
+    paper_df = paper_df[paper_df["split"].isin(splits) & paper_df["metric"].isin(list(metrics))]
+    rows = list(dict.fromkeys(list(paper_df[item]) + [str(m) for m in ours[item]]))
+    printed = {(r[item], r["split"], r["metric"]): r["value"] for _, r in paper_df.iterrows()}
+    mine = {(str(r[item]), r["split"], r["metric"]): r for _, r in ours.iterrows()}
+
+    def fmt(r: pd.Series | None) -> str:
+        if r is None or pd.isna(r["ours"]):
+            return missing
+        text = f"{float(r['ours']):.{digits}f}"
+        if int(r.get("n_seeds", 1) or 1) > 1 and "std" in r and not pd.isna(r["std"]):
+            text += f" ± {float(r['std']):.{digits}f}"
+        return text
+
+    cols = [(s, m, src) for s in splits for m in metrics for src in ("paper", "ours")]
+    data = [[printed.get((row, s, m), "—") if src == "paper" else fmt(mine.get((row, s, m)))
+             for s, m, src in cols] for row in rows]
+    if len(splits) == 1:
+        index = pd.MultiIndex.from_tuples([c[1:] for c in cols], names=["metric", "source"])
+    else:
+        index = pd.MultiIndex.from_tuples(cols, names=["split", "metric", "source"])
+    return pd.DataFrame(data, index=pd.Index(rows, name=item), columns=index)
+
+
+def paired_gaps(
+    per_sample: dict[str, Sequence[float]],
+    reference: str,
+    z: float = 2.0,
+) -> pd.DataFrame:
+    """Differences to ``reference`` measured on the same samples, with their standard errors.
+
+    For items evaluated on the same samples (e.g. ablation variants on one validation split),
+    the gap of item ``a`` is ``mean(a_i - ref_i)`` in percent and its standard error
+    ``std(a_i - ref_i, ddof=1) / sqrt(n)``; pairing removes the sample-to-sample variance both
+    share, so the standard error is that of the *difference*, not of each score.
+
+    Args:
+        per_sample: ``{item: per-sample scores in [0, 1]}`` (e.g. gIoU terms), same samples in
+            the same order for every item.
+        reference: the item the others are compared with (its own row has gap 0).
+        z: a gap is ``resolved`` when ``|gap| > z * se``.
+
+    Returns:
+        DataFrame indexed by item: ``gap`` and ``se`` (percentage points), ``resolved`` (bool).
+
+    Raises:
+        ValueError: unknown reference, or items scored on different numbers of samples.
+    """
+    if reference not in per_sample:
+        raise ValueError(f"reference {reference!r} not among {list(per_sample)}")
+    ref = np.asarray(per_sample[reference], dtype=float)
+    rows = []
+    for name, values in per_sample.items():
+        v = np.asarray(values, dtype=float)
+        if v.shape != ref.shape:
+            raise ValueError(f"{name!r} has {v.size} samples, {reference!r} has {ref.size}")
+        d = 100.0 * (v - ref)
+        se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+        gap = float(d.mean())
+        rows.append({"item": name, "gap": gap, "se": se,
+                     "resolved": bool(abs(gap) > z * se) if se > 0 else gap != 0.0})
+    return pd.DataFrame(rows).set_index("item")
+
+
+def sample_ious(result: object) -> np.ndarray:
+    """Per-sample gIoU terms (0..1) of a :class:`gres.experiments.ExperimentResult`, averaged over
+    its seeds, in dataset order: the official per-sample IoU under the result's no-target rule
+    (1 for a recognised no-target sample, 0 for a missed or wrongly rejected one), recomputed
+    from the cached evaluation records. Their mean is the result's gIoU / 100."""
+    from gres import engine
+    from gres import experiments as ex
+    from gres.model.variants import min_pixels_for
+
+    k = min_pixels_for(result.cfg.model.image_size)
+    per_seed = []
+    for run in result.runs:
+        raw = ex.apply_nt_rule(ex.eval_records(run, result.split, progress=False),
+                               result.nt_rule, k)
+        if result.eval_expr_types is not None:
+            raw = [r for r in raw if r["expr_type"] in set(result.eval_expr_types)]
+        raw.sort(key=lambda r: r["index"])
+        per_seed.append(engine.metrics_from_counts(raw).to_dataframe()["IoU"].to_numpy(float))
+    return np.mean(per_seed, axis=0)
+
+
 __all__: Iterable[str] = (
     "COLUMNS", "KEY_COLUMNS", "METRICS", "OrderingCheck", "check_schema", "compare", "headline",
-    "load", "load_all", "ordering", "ordering_agrees", "tables", "value", "wide",
+    "load", "load_all", "ordering", "ordering_agrees", "paired_gaps", "sample_ious",
+    "side_by_side", "tables", "value", "wide",
 )

@@ -3,6 +3,7 @@ gres.paper's compare/ordering helpers behave as documented."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -163,3 +164,65 @@ def test_ordering_on_compare_output_filters_metric():
     assert set(c.discordant) == {("8x8", "4x4"), ("10x10", "12x12")}
     with pytest.raises(ValueError, match="more than once"):
         paper.ordering(cmp)
+
+
+def test_side_by_side_marks_unreproduced_rows_and_formats_seeds():
+    ours = pd.DataFrame({"method": ["LAVT", "LAVT", "ReLA", "ReLA"], "split": ["val"] * 4,
+                         "metric": ["gIoU", "cIoU"] * 2, "ours": [40.0, 41.0, 50.25, 52.0],
+                         "std": [1.0, 2.0, 0.5, 0.25], "n_seeds": [2, 2, 2, 2]})
+    t = paper.side_by_side(ours, 5, ["gIoU", "cIoU"])
+    assert list(t.index) == ["MattNet", "LTS", "VLT", "CRIS", "LAVT", "VLT+ReLA", "LAVT+ReLA",
+                             "ReLA"]
+    assert t.columns.names == ["metric", "source"]
+    assert t.loc["ReLA", ("gIoU", "paper")] == "63.60"  # as printed
+    assert t.loc["ReLA", ("gIoU", "ours")] == "50.2 ± 0.5"
+    assert t.loc["MattNet", ("cIoU", "ours")] == "paper only"
+    one_seed = ours.assign(n_seeds=1)
+    t = paper.side_by_side(one_seed, 5, ["gIoU"], splits=["val", "testA"], digits=2)
+    assert t.columns.names == ["split", "metric", "source"]
+    assert t.loc["LAVT", ("val", "gIoU", "ours")] == "40.00"
+    assert t.loc["LAVT", ("testA", "gIoU", "ours")] == "paper only"
+    assert t.loc["LAVT", ("testA", "gIoU", "paper")] == "65.90"
+    extra = pd.concat([ours, ours.iloc[:1].assign(method="mine")])
+    assert paper.side_by_side(extra, 5, ["gIoU"]).index[-1] == "mine"  # no paper row: appended
+    assert paper.side_by_side(extra, 5, ["gIoU"]).loc["mine", ("gIoU", "paper")] == "—"
+
+
+def test_paired_gaps_standard_error_of_the_difference():
+    ref = [0.5, 0.6, 0.7, 0.8]
+    per = {"ref": ref, "same+noise": [0.51, 0.59, 0.71, 0.79], "better": [0.9, 1.0, 1.0, 1.0]}
+    g = paper.paired_gaps(per, "ref")
+    assert g.loc["ref", "gap"] == 0.0 and not g.loc["ref", "resolved"]
+    assert g.loc["same+noise", "gap"] == pytest.approx(0.0, abs=1e-9)
+    assert g.loc["same+noise", "se"] == pytest.approx(100 * 0.011547 / 2, rel=1e-3)
+    assert not g.loc["same+noise", "resolved"]
+    assert g.loc["better", "gap"] == pytest.approx(32.5) and g.loc["better", "resolved"]
+    with pytest.raises(ValueError, match="reference"):
+        paper.paired_gaps(per, "nope")
+    with pytest.raises(ValueError, match="samples"):
+        paper.paired_gaps({"ref": ref, "short": [0.1]}, "ref")
+
+
+def test_sample_ious_recompute_the_gIoU_of_cached_records(tmp_path):
+    import json
+
+    from gres import experiments as ex
+
+    cfg = ex.preset("cpu-smoke")  # 64 px: the pixel rule keeps masks of >= 1 pixel
+    recs = [  # (gt_nt, pred_nt, mask_I, pred_area, gt_area)
+        (False, False, 5, 10, 5), (False, True, 5, 5, 5), (True, True, 0, 3, 0),
+        (True, False, 0, 0, 0), (False, False, 0, 0, 4),
+    ]
+    (tmp_path / "eval").mkdir()
+    lines = [json.dumps({"index": i, "expr_type": 2 if g else 0, "gt_nt": g, "pred_nt": p,
+                         "nt_prob": 0.5, "mask_I": mi, "pred_area": pa, "gt_area": ga})
+             for i, (g, p, mi, pa, ga) in reversed(list(enumerate(recs)))]  # any file order
+    (tmp_path / "eval" / "val_records.jsonl").write_text("\n".join(lines))
+    run = ex.TrainedRun(cfg=cfg, dir=tmp_path, info={}, loaded=True)
+    head = ex.ExperimentResult("r", cfg, [], [run, run], nt_rule="head", split="val")
+    np.testing.assert_allclose(paper.sample_ious(head), [0.5, 0.0, 1.0, 0.0, 0.0])
+    pixels = ex.ExperimentResult("p", cfg, [], [run], nt_rule="pixels", split="val")
+    # pixel rule: sample 2 keeps its 3 pixels (a target answer) -> 0; sample 3 is empty -> 1
+    np.testing.assert_allclose(paper.sample_ious(pixels), [0.5, 1.0, 0.0, 1.0, 0.0])
+    score = ex.score(ex.eval_records(run, "val"), nt_rule="pixels", min_pixels=1)
+    assert 100 * paper.sample_ious(pixels).mean() == pytest.approx(score["gIoU"])
