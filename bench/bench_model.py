@@ -4,8 +4,9 @@ Builds the paper configuration (Swin-B window 12, BERT-base shapes with random w
 decoder 256, ReLA 256 / 9 layers, 480×480) and times, per component and end to end:
 
 * fp32 (the official evaluation precision), and
-* ``--bf16``: CPU autocast to bfloat16 for the whole model (pixel decoder included:
-  ``force_fp32`` off), an opt-in fast path.
+* ``--bf16``: the opt-in fast path, :func:`gres.model.cast_for_bf16_inference` (matmul weights
+  stored in bf16, the pixel decoder's fp32 island off) under CPU autocast to bfloat16; the
+  agreement with the fp32 outputs of the same weights is reported.
 
 Also reports parameter counts, FLOPs of one forward (``torch.utils.flop_counter``) and the
 process's peak RSS. Run it on a quiet machine: with 2 torch threads, any other CPU-bound
@@ -30,17 +31,17 @@ import time
 import torch
 
 from gres.config import PRESETS
-from gres.model import build_model, count_parameters
+from gres.model import build_model, cast_for_bf16_inference, count_parameters, postprocess
 
 
-def _model(preset: str, size: int, bf16: bool, core: str) -> torch.nn.Module:
+def _model(preset: str, size: int, core: str) -> torch.nn.Module:
     cfg = PRESETS[preset]().model
     cfg = dataclasses.replace(
         cfg,
         image_size=size,
         text=dataclasses.replace(cfg.text, name_or_path=None),  # bert-base shapes, random weights
         swin=dataclasses.replace(cfg.swin, pretrained=None),
-        pixel_decoder=dataclasses.replace(cfg.pixel_decoder, force_fp32=not bf16, deform_core=core),
+        pixel_decoder=dataclasses.replace(cfg.pixel_decoder, deform_core=core),
     )
     torch.manual_seed(0)
     return build_model(cfg, load_pretrained=False).eval().requires_grad_(False)
@@ -77,8 +78,16 @@ def _stages(model, images, ids, mask) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    model = _model(args.preset, args.size, args.bf16, args.core)
+    model = _model(args.preset, args.size, args.core)
     images, ids, mask = _inputs(args.batch, args.size)
+    agreement = None
+    if args.bf16:
+        with torch.inference_mode():
+            ref = model(images, ids, mask)  # fp32 reference for the agreement numbers
+        if not args.autocast_only:
+            cast_for_bf16_inference(model)
+        else:
+            model.pixel_decoder.force_fp32 = False
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     )
@@ -99,9 +108,22 @@ def run(args: argparse.Namespace) -> dict:
         with torch.no_grad(), autocast, counter:
             model(images, ids, mask)
         flops = counter.get_total_flops()
+    if args.bf16:
+        mask_bf16, nt_bf16, prob_bf16 = postprocess(out, args.size)
+        mask_fp32, nt_fp32, prob_fp32 = postprocess(ref, args.size)
+        scale = float(ref.mask_logits.abs().max())
+        agreement = {
+            "mask_pixels_equal": float((mask_bf16 == mask_fp32).float().mean()),
+            "nt_equal": float((nt_bf16 == nt_fp32).float().mean()),
+            "max_abs_nt_prob_diff": float((prob_bf16 - prob_fp32).abs().max()),
+            "max_abs_mask_logit_diff_over_max": float(
+                (out.mask_logits.float() - ref.mask_logits).abs().max()) / scale,
+        }
     med = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
     return {
-        "precision": "bf16-autocast" if args.bf16 else "fp32",
+        "precision": ("bf16-autocast" if args.autocast_only else "bf16-weights+autocast")
+        if args.bf16 else "fp32",
+        "bf16_vs_fp32": agreement,
         "deform_core": args.core,
         "threads": args.threads,
         "batch": args.batch,
@@ -129,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--bf16", action="store_true", help="CPU autocast bfloat16 (whole model)")
+    p.add_argument("--bf16", action="store_true",
+                   help="opt-in bf16 path: cast_for_bf16_inference + CPU autocast (whole model)")
+    p.add_argument("--autocast-only", action="store_true",
+                   help="with --bf16: autocast only, weights stay fp32")
     p.add_argument("--core", default="gather", choices=("gather", "grid_sample"),
                    help="deformable-attention sampling implementation")
     p.add_argument("--flops", action="store_true", help="also count FLOPs of one forward")
@@ -147,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         + (f" | {result['gflop']:.1f} GFLOP" if result["gflop"] else "")
         + f" | load {result['load_avg_1min']:.2f}"
     )
+    if result["bf16_vs_fp32"]:
+        print("bf16 vs fp32:", json.dumps(result["bf16_vs_fp32"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -206,3 +206,25 @@ def test_bad_config_values():
         build_model(_cfg(image_size=60))
     with pytest.raises(ValueError, match="variant"):
         build_model(_cfg(decoder=DecoderConfig(variant="nope")))
+
+
+def test_bf16_inference_path_stays_close_to_fp32():
+    import copy
+
+    from gres.model import cast_for_bf16_inference
+
+    model = _model().eval()
+    _perturb(model)
+    batch = _batch()
+    with torch.no_grad():
+        ref = model(*batch)
+        fast = cast_for_bf16_inference(copy.deepcopy(model))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fast(*batch)
+    assert fast.decoder.mask_embed.layers[0].weight.dtype == torch.bfloat16
+    assert fast.decoder.decoder_norm.weight.dtype == torch.float32
+    assert model.decoder.mask_embed.layers[0].weight.dtype == torch.float32  # copy untouched
+    scale = ref.mask_logits.abs().max()
+    assert (out.mask_logits.float() - ref.mask_logits).abs().max() < 0.1 * scale
+    agree = (postprocess(out, 64)[0] == postprocess(ref, 64)[0]).float().mean()
+    assert agree > 0.9

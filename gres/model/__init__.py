@@ -15,6 +15,11 @@ Public API::
     out = model(images, input_ids, text_mask)         # a GRESOutput
     pred_mask, pred_no_target, nt_prob = postprocess(out, size=480)
 
+    # opt-in fast CPU inference (bf16 weights + autocast; not for training)
+    fast = cast_for_bf16_inference(copy.deepcopy(model))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(images, input_ids, text_mask)
+
 Dimension letters used in shape comments and docstrings:
 
 ======  ==========================================================================
@@ -38,7 +43,14 @@ Cm      channels of the mask features (mask_dim)
 
 from __future__ import annotations
 
-from gres.model.gres_model import GRESModel, GRESOutput, build_model, count_parameters, postprocess
+from gres.model.gres_model import (
+    GRESModel,
+    GRESOutput,
+    build_model,
+    cast_for_bf16_inference,
+    count_parameters,
+    postprocess,
+)
 from gres.model.pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderOutput
 from gres.model.rela import DecoderOutput, ReLADecoder
 
@@ -50,6 +62,7 @@ __all__ = [
     "PixelDecoderOutput",
     "ReLADecoder",
     "build_model",
+    "cast_for_bf16_inference",
     "count_parameters",
     "postprocess",
 ]

@@ -326,6 +326,31 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
     return model
 
 
+def cast_for_bf16_inference(model: nn.Module) -> nn.Module:
+    """Opt-in fast CPU inference: store the matmul / conv weights in bfloat16.
+
+    Run the result under ``torch.autocast("cpu", dtype=torch.bfloat16)`` without gradients.
+    Linear, Conv and attention projection weights become bf16 (autocast would otherwise cast
+    them again at every call); norms, embeddings, relative-position tables and scalar gates stay
+    fp32 (autocast runs norms and softmax in fp32). The pixel decoder's official fp32 island is
+    switched off. This rounds the weights in place: use it on an inference copy, never to train.
+
+    Returns:
+        ``model`` (modified in place).
+    """
+    from gres.model.rela import MultiheadAttention
+
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            module.to(torch.bfloat16)
+        elif isinstance(module, MultiheadAttention):
+            module.in_proj_weight.data = module.in_proj_weight.data.bfloat16()
+            module.in_proj_bias.data = module.in_proj_bias.data.bfloat16()
+        elif isinstance(module, MSDeformAttnPixelDecoder):
+            module.force_fp32 = False
+    return model
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts per top-level submodule and in total."""
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
