@@ -247,3 +247,18 @@ def test_config_from_official_matches_the_preset():
     del bad["backbone"]["depths"]
     with pytest.raises(ValueError, match="backbone.depths|depths"):
         config_from_official(bad)
+
+
+def test_original_branch_checkpoint_converts():
+    cfg = _cfg()
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, variant="original"))
+    torch.manual_seed(0)
+    source = build_model(cfg).eval()
+    sd = ours_to_official(source.state_dict())
+    assert "sem_seg_head.predictor.RLA_gate" in sd and "sem_seg_head.predictor.RLA_proj.weight" in sd
+    assert not any("lang_weight" in k for k in sd)
+    torch.manual_seed(1)
+    target = build_model(cfg).eval()
+    report = load_official_checkpoint(target, sd)
+    assert report.ok and not report.notes
+    torch.testing.assert_close(_outputs(target), _outputs(source))

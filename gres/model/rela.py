@@ -21,7 +21,8 @@ minimap ``x_r = minimap_embed(R)`` (two logits per region) and the no-target log
 
 ``variant="original"`` is the paper branch (spec §1.8): RLA only at the last layer, as a gated
 projection of language cross-attention plus region self-attention, and the minimap / no-target
-heads read a second norm.
+heads read a second norm. The spec writes ``RLA_lang(out, lang_proj(L))`` and ``RLA_region(out)``
+without positional encodings; we follow it literally (no query positions, no key-padding mask).
 
 Module names mirror the official keys under ``sem_seg_head.predictor.`` (spec §8).
 """
