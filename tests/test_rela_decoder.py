@@ -246,3 +246,12 @@ def test_bad_arguments():
     ms, mf, lang = _inputs()
     with pytest.raises(ValueError, match="feature levels"):
         dec(ms[:2], mf, lang)
+
+
+def test_zero_layers_gives_the_learnable_query_predictions():
+    """DEC_LAYERS = 1 in the official config means 0 ReLA layers: heads on the raw queries."""
+    torch.manual_seed(0)
+    dec = _decoder(num_layers=0, lang_att_layers=()).eval()
+    out = dec(*_inputs())
+    region = dec.decoder_norm(dec.query_feat.weight).expand(B, -1, -1)
+    torch.testing.assert_close(out.region_logits, dec.minimap_embed(region))

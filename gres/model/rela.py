@@ -362,13 +362,16 @@ class ReLADecoder(nn.Module):
             if return_extras:
                 ex.setdefault(name, []).append(value.detach())
 
-        heads = self._heads(output, output, mask_features, need_masks=return_extras)
-        logits = self._attn_logits(heads["embed"], small_features[0])
-        blocked = logits.sigmoid() < 0.5  # (B, P, h*w) True = blocked
-        record("dec_pred_logits", heads["region_logits"])
-        record("dec_nt_label", heads["nt_logits"])
-        if return_extras:
+        # Intermediate heads only feed the (detached) attention masks, unless extras are wanted:
+        # then they run without autograd. The last layer's heads are the outputs.
+        heads = None
+        if return_extras or self.num_layers == 0:
+            heads = self._heads(output, output, mask_features)
+            record("dec_pred_logits", heads["region_logits"])
+            record("dec_nt_label", heads["nt_logits"])
             record("dec_pred_masks", heads["mask_logits"])
+        logits = self._attn_logits(output, small_features[0], heads)
+        blocked = logits.sigmoid() < 0.5  # (B, P, h*w) True = blocked
 
         for i in range(self.num_layers):
             lvl = i % self.num_levels
@@ -386,14 +389,15 @@ class ReLADecoder(nn.Module):
                 output, rla_out = self._layer_original(i, output, src[lvl], pos[lvl], query_pos,
                                                        lang_feats, blocked, record)
             last = i == self.num_layers - 1
-            heads = self._heads(output, rla_out, mask_features, need_masks=last or return_extras)
-            record("dec_pred_logits", heads["region_logits"])
-            record("dec_nt_label", heads["nt_logits"])
-            if return_extras:
+            heads = None
+            if last or return_extras:
+                heads = self._heads(output, rla_out, mask_features)
+                record("dec_pred_logits", heads["region_logits"])
+                record("dec_nt_label", heads["nt_logits"])
                 record("dec_pred_masks", heads["mask_logits"])
             if not last:
                 nxt = small_features[(i + 1) % self.num_levels]
-                logits = self._attn_logits(heads["embed"], nxt)
+                logits = self._attn_logits(output, nxt, heads)
                 blocked = logits.sigmoid() < 0.5
 
         extras: dict[str, Tensor] = {}
@@ -445,39 +449,48 @@ class ReLADecoder(nn.Module):
             record("dec_rla_final", rla_out)
         return output, rla_out
 
-    def _heads(
-        self, output: Tensor, rla_out: Tensor, mask_features: Tensor, *, need_masks: bool
-    ) -> dict[str, Tensor]:
+    def _heads(self, output: Tensor, rla_out: Tensor, mask_features: Tensor) -> dict[str, Tensor]:
         """Prediction heads (official ``forward_prediction_heads``).
 
         Args:
             output: (B, P, D) region queries (source of the region masks).
             rla_out: (B, P, D) source of minimap / no-target (== output for ``main``).
             mask_features: (B, Cm, H/4, W/4).
-            need_masks: also compute the 2-channel target mask (B, 2, H/4, W/4).
+
+        Returns:
+            ``embed`` (B, P, Cm) region embeddings, ``region_logits`` (B, P, 2), ``nt_logits``
+            (B, 2) and ``mask_logits`` (B, 2, H/4, W/4).
         """
         region = self.decoder_norm(output)  # (B, P, D)
         embed = self.mask_embed(region)  # (B, P, Cm)
         cls_in = region if self.variant == "main" else self.decoder_norm_2(rla_out)
         region_logits = self.minimap_embed(cls_in)  # (B, P, 2)
         nt_logits = self.nt_embed(cls_in).mean(dim=1)  # (B, 2) average over regions
-        out = {"embed": embed, "region_logits": region_logits, "nt_logits": nt_logits}
-        if need_masks:
-            tgt_embed = torch.einsum("bqa,bqc->bac", region_logits, embed)  # (B, 2, Cm)
-            out["mask_logits"] = torch.einsum("bac,bchw->bahw", tgt_embed, mask_features)
-        return out
+        # Eq. 1 as the code computes it: Σ_q x[q, a] M_r[q] = (Σ_q x[q, a] e[q]) · F_mask
+        tgt_embed = torch.einsum("bqa,bqc->bac", region_logits, embed)  # (B, 2, Cm)
+        mask_logits = torch.einsum("bac,bchw->bahw", tgt_embed, mask_features)  # (B, 2, H/4, W/4)
+        return {
+            "embed": embed,
+            "region_logits": region_logits,
+            "nt_logits": nt_logits,
+            "mask_logits": mask_logits,
+        }
 
     @torch.no_grad()
-    def _attn_logits(self, embed: Tensor, small_features: Tensor) -> Tensor:
+    def _attn_logits(
+        self, output: Tensor, small_features: Tensor, heads: dict[str, Tensor] | None
+    ) -> Tensor:
         """Region-mask logits at the next level's size (``bilinear(M_r)``, detached).
 
         The next RIA blocks ``sigmoid(logits) < 0.5``.
 
         Args:
-            embed: (B, P, Cm) region embeddings.
+            output: (B, P, D) region queries.
             small_features: (B, Cm, h, w) mask features resized to the next level.
+            heads: this layer's :meth:`_heads` output if already computed (reuses its embedding).
 
         Returns:
             (B, P, h·w).
         """
+        embed = heads["embed"] if heads is not None else self.mask_embed(self.decoder_norm(output))
         return torch.einsum("bqc,bchw->bqhw", embed, small_features).flatten(2)  # (B, P, h*w)
