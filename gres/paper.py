@@ -10,7 +10,8 @@ Every paper number the book prints comes through this module, never typed by han
 * :func:`ordering` / :func:`ordering_agrees` say whether our ranking of methods (or variants)
   agrees with the paper's, so that the book can state a disagreement instead of hiding it;
 * :func:`side_by_side` shows every paper row beside ours (unreproduced rows marked "paper only"),
-  and :func:`paired_gaps` / :func:`sample_ious` say which of our differences exceed their noise.
+  and :func:`paired_gaps` / :func:`sample_ious` / :func:`reversal_noise` say which of our
+  differences exceed their noise.
 
 See ``paper_results/README.md`` for the schema, units and transcription notes.
 """
@@ -465,6 +466,31 @@ def paired_gaps(
     return pd.DataFrame(rows).set_index("item")
 
 
+def reversal_noise(check: OrderingCheck, per_sample: dict[str, Sequence[float]],
+                   z: float = 2.0) -> str:
+    """A sentence weighing each pair that ``check`` finds reversed against its paired noise.
+
+    Args:
+        check: an :class:`OrderingCheck` (typically on gIoU).
+        per_sample: per-sample scores (0..1) of the checked items, as for :func:`paired_gaps`.
+        z: a reversal is "larger than" the noise when our gap exceeds ``z`` standard errors.
+
+    Returns:
+        e.g. ``"The reversed pairs: B over A by 1.20 ± 0.40 points (larger than 2 standard
+        errors)."``, or a sentence saying that no pair is reversed.
+    """
+    if check.agrees:
+        return "No pair is ranked against the paper, so there is no reversal to weigh against noise."
+    parts = []
+    for a, b in check.discordant:  # the paper ranks a above b, we rank b above a
+        d = paired_gaps({a: per_sample[a], b: per_sample[b]}, a, z=z).loc[b]
+        verdict = "larger than" if d["resolved"] else "within"
+        parts.append(f"{b} over {a} by {d['gap']:.2f} ± {d['se']:.2f} points ({verdict} {z:g} "
+                     "standard errors)")
+    what = f" on {check.metric}" if check.metric else ""
+    return f"The reversed pairs{what}: " + "; ".join(parts) + "."
+
+
 def sample_ious(result: object) -> np.ndarray:
     """Per-sample gIoU terms (0..1) of a :class:`gres.experiments.ExperimentResult`, averaged over
     its seeds, in dataset order: the official per-sample IoU under the result's no-target rule
@@ -488,6 +514,6 @@ def sample_ious(result: object) -> np.ndarray:
 
 __all__: Iterable[str] = (
     "COLUMNS", "KEY_COLUMNS", "METRICS", "OrderingCheck", "check_schema", "compare", "headline",
-    "load", "load_all", "ordering", "ordering_agrees", "paired_gaps", "sample_ious",
-    "side_by_side", "tables", "value", "wide",
+    "load", "load_all", "ordering", "ordering_agrees", "paired_gaps", "reversal_noise",
+    "sample_ious", "side_by_side", "tables", "value", "wide",
 )

@@ -226,3 +226,19 @@ def test_sample_ious_recompute_the_gIoU_of_cached_records(tmp_path):
     np.testing.assert_allclose(paper.sample_ious(pixels), [0.5, 1.0, 0.0, 1.0, 0.0])
     score = ex.score(ex.eval_records(run, "val"), nt_rule="pixels", min_pixels=1)
     assert 100 * paper.sample_ious(pixels).mean() == pytest.approx(score["gIoU"])
+
+
+def test_reversal_noise_sentence():
+    per = {"A": [0.5, 0.6, 0.7, 0.8], "B": [0.52, 0.61, 0.69, 0.82], "C": [0.0, 0.1, 0.0, 0.1]}
+    df = pd.DataFrame({"method": ["A", "B", "C"], "paper": [3.0, 2.0, 1.0],
+                       "ours": [100 * np.mean(v) for v in per.values()]})
+    check = paper.ordering(df, metric=None)
+    assert check.discordant == [("A", "B")]
+    text = paper.reversal_noise(check, per)
+    assert text.startswith("The reversed pairs: B over A by 1.00 ± ")
+    assert "(within 2 standard errors)" in text
+    per["B"] = [0.9, 1.0, 1.0, 1.0]
+    df["ours"] = [100 * np.mean(v) for v in per.values()]
+    assert "(larger than 2 standard errors)" in paper.reversal_noise(paper.ordering(df), per)
+    agree = paper.ordering(df.assign(ours=[3.0, 2.0, 1.0]))
+    assert "no reversal" in paper.reversal_noise(agree, per)
