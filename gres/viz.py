@@ -694,7 +694,9 @@ def predict_examples(
         ``pred_mask`` (S, S) bool as predicted (not emptied on a no-target decision, as in the
         official evaluator), ``pred_no_target`` (official argmax rule), ``nt_prob`` (softmax
         probability of "no target"), ``minimap`` (R, R) region probabilities (None for heads
-        without regions), ``IoU`` of the mask alone.
+        without regions), ``IoU`` = the official per-sample gIoU term (no-target ground truth: 1
+        if rejected else 0; targets: 0 if rejected, else I/U of the mask) and ``mask_IoU`` = I/U
+        of the mask alone (1 when both masks are empty).
     """
     import torch
 
@@ -721,12 +723,15 @@ def predict_examples(
     for k, (i, s) in enumerate(zip(indices, samples)):
         p, g = pred[k].cpu(), s["gt_mask"]
         union = int((p | g).sum())
+        mask_iou = int((p & g).sum()) / union if union else float(not g.any())
+        rejected, gt_nt = bool(pred_nt[k]), bool(s["no_target"])
         result.append({
             "index": i, "image": s["image"], "gt_mask": g, "no_target": s["no_target"],
             "meta": s["meta"], "pred_mask": p, "pred_no_target": bool(pred_nt[k]),
             "nt_prob": float(nt_prob[k]),
             "minimap": regions[k].reshape(side, side).cpu() if side > 1 else None,
-            "IoU": int((p & g).sum()) / union if union else float(not g.any()),
+            "IoU": float(rejected) if gt_nt else (0.0 if rejected or not union else mask_iou),
+            "mask_IoU": mask_iou,
         })
     return result
 

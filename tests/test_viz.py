@@ -316,8 +316,10 @@ def test_predict_examples_matches_postprocess():
         assert 0.0 <= float(o["minimap"].min()) and float(o["minimap"].max()) <= 1.0
     gt0, p0 = samples[0]["gt_mask"], out[1]["pred_mask"]
     union = int((gt0 | p0).sum())
-    assert out[1]["IoU"] == pytest.approx(int((gt0 & p0).sum()) / union)
-    assert out[0]["IoU"] == float(not out[0]["pred_mask"].any())  # empty GT
+    assert out[1]["mask_IoU"] == pytest.approx(int((gt0 & p0).sum()) / union)
+    assert out[1]["IoU"] == (0.0 if out[1]["pred_no_target"] else out[1]["mask_IoU"])
+    assert out[0]["mask_IoU"] == float(not out[0]["pred_mask"].any())  # empty GT
+    assert out[0]["IoU"] == float(out[0]["pred_no_target"])  # official: only the NT flag counts
     fig = viz.show_grid(out, ncols=2)  # the dicts plot as they are
     assert len(fig.axes) == 2
     assert viz.predict_examples(model, samples, []) == []
