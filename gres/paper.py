@@ -272,11 +272,13 @@ class OrderingCheck:
         what = f" on {self.metric}" if self.metric else ""
         if self.agrees:
             tie = f" (with {len(self.ties)} tie(s))" if self.ties else ""
-            return (f"Our ordering{what} agrees with the paper's{tie}: "
+            text = (f"Our ordering{what} agrees with the paper's{tie}: "
                     f"{' > '.join(self.ours_order)}.")
-        pairs = "; ".join(f"the paper ranks {a} above {b}, we rank {b} above {a}"
-                          for a, b in self.discordant)
-        return f"Our ordering{what} disagrees with the paper's: {pairs}."
+        else:
+            pairs = "; ".join(f"the paper ranks {a} above {b}, we rank {b} above {a}"
+                              for a, b in self.discordant)
+            text = f"Our ordering{what} disagrees with the paper's: {pairs}."
+        return text[:-1] if text.endswith("..") else text  # items such as "+ language att."
 
 
 def ordering(

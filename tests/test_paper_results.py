@@ -242,3 +242,11 @@ def test_reversal_noise_sentence():
     assert "(larger than 2 standard errors)" in paper.reversal_noise(paper.ordering(df), per)
     agree = paper.ordering(df.assign(ours=[3.0, 2.0, 1.0]))
     assert "no reversal" in paper.reversal_noise(agree, per)
+
+
+def test_ordering_sentence_has_one_final_period_after_abbreviated_items():
+    df = pd.DataFrame({"method": ["Baseline", "+ language att."], "paper": [1.0, 2.0],
+                       "ours": [2.0, 1.0]})
+    text = paper.ordering(df).sentence()
+    assert text.endswith("we rank Baseline above + language att.") and ".." not in text
+    assert ".." not in paper.ordering(df.assign(ours=[1.0, 2.0])).sentence()
