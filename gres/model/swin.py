@@ -506,7 +506,7 @@ class MultiModalSwin(nn.Module):
         self.out_features = [f"res{i + 2}" for i in range(self.num_stages)]
 
         self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # swin.py:385
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # swin.py:385
         self.layers = nn.ModuleList()
         for i in range(self.num_stages):
             start = sum(depths[:i])
