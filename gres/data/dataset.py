@@ -26,14 +26,14 @@ import os
 import random
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from gres.data.grefer import NO_TARGET_ANN, GRefer, rasterize_segmentation
+from gres.data.grefer import NO_TARGET_ANN, GRefer, no_gc, rasterize_segmentation
 
 if TYPE_CHECKING:
     from gres.config import DataConfig
@@ -197,8 +197,7 @@ def collate(samples: list[dict]) -> Batch:
 # --------------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _RefRecord:
+class _RefRecord(NamedTuple):
     ref_id: int
     image_id: int
     segmentations: tuple  # COCO segmentations of the non-crowd targets (crowd if only crowd)
@@ -255,24 +254,8 @@ class GRESDataset(Dataset):
         self._images: dict[int, tuple[str, int, int, str]] = {}
         self._refs: list[_RefRecord] = []
         samples: list[tuple[int, int, str]] = []  # (index into _refs, sent_id, sentence)
-        for rid in ref_ids:
-            ref = refer.refs[rid]
-            iid = int(ref["image_id"])
-            if iid not in self._images:
-                img = refer.imgs[iid]
-                self._images[iid] = (str(refer.image_path(iid)), int(img["height"]),
-                                     int(img["width"]), img["file_name"])
-            if ref["ann_id"] == [NO_TARGET_ANN]:
-                segs, boxes, etype = (), (), EXPR_NO_TARGET
-            else:
-                anns = refer.ref_to_anns[rid]
-                kept = [a for a in anns if not a.get("iscrowd", 0)] or anns  # crowd only: keep them
-                segs = tuple(a["segmentation"] for a in kept)
-                boxes = tuple(tuple(a.get("bbox") or _seg_box(a["segmentation"])) for a in kept)
-                etype = EXPR_MULTI if len(anns) > 1 else EXPR_SINGLE
-            self._refs.append(_RefRecord(rid, iid, segs, boxes, etype))
-            for s in ref["sentences"]:
-                samples.append((len(self._refs) - 1, int(s["sent_id"]), s.get("raw") or s["sent"]))
+        with no_gc():
+            self._index(refer, ref_ids, samples)
         if max_samples is not None:
             samples = samples[: int(max_samples)]
         self._samples = samples
@@ -285,6 +268,27 @@ class GRESDataset(Dataset):
                     f"COCO train2014 images: https://cocodataset.org/#download; run "
                     f"data_prep/check_grefcoco.py --root {self.root}"
                 )
+
+    def _index(self, refer: GRefer, ref_ids: list[int], samples: list) -> None:
+        image_dir = str(refer.image_dir)
+        for rid in ref_ids:
+            ref = refer.refs[rid]
+            iid = int(ref["image_id"])
+            if iid not in self._images:
+                img = refer.imgs[iid]
+                self._images[iid] = (os.path.join(image_dir, img["file_name"]), int(img["height"]),
+                                     int(img["width"]), img["file_name"])
+            if ref["ann_id"] == [NO_TARGET_ANN]:
+                segs, boxes, etype = (), (), EXPR_NO_TARGET
+            else:
+                anns = refer.ref_to_anns[rid]
+                kept = [a for a in anns if not a.get("iscrowd", 0)] or anns  # crowd only: keep them
+                segs = tuple(a["segmentation"] for a in kept)
+                boxes = tuple(tuple(a.get("bbox") or _seg_box(a["segmentation"])) for a in kept)
+                etype = EXPR_MULTI if len(anns) > 1 else EXPR_SINGLE
+            self._refs.append(_RefRecord(rid, iid, segs, boxes, etype))
+            for s in ref["sentences"]:
+                samples.append((len(self._refs) - 1, int(s["sent_id"]), s.get("raw") or s["sent"]))
 
     # ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -30,6 +30,7 @@ class so code written against ``grefer.py`` keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
@@ -37,7 +38,7 @@ import os
 import pickle
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,19 @@ def load_json(path: str | os.PathLike) -> Any:
         ) from exc
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 JSON ({exc})") from exc
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building millions of small containers (a JSON of
+    gRefCOCO's size): otherwise every few thousand allocations trigger a rescan of the whole heap."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _to_list(x: Any) -> list:
@@ -232,18 +246,13 @@ class GRefer:
                 f"{self.instances_file} not found. It ships with the {dataset} annotations: "
                 f"{GREFCOCO_URL if dataset == 'grefcoco' else REFER_URL}"
             )
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # millions of small containers: the cyclic GC would rescan them repeatedly
-        try:
+        with no_gc():
             if self.refs_file.suffix == ".json":
                 refs = load_json(self.refs_file)
             else:
                 refs = safe_pickle_load(self.refs_file)
             instances = load_json(self.instances_file)
             self._create_index(refs, instances)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
         if verbose:
             print(
                 f"GRefer({dataset}, {split_by}): {len(self.refs)} refs, {len(self.sents)} sentences, "

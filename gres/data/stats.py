@@ -210,31 +210,32 @@ def text_only_no_target(
                          f"(have {sorted(df['split'].unique())})")
     counts = Counter(f for s in tr["sentence"] for f in set(_features(s)))
     vocab = {f: k for k, f in enumerate(sorted(f for f, c in counts.items() if c >= min_count))}
+    pad = len(vocab)  # padding index: a zero row that is never trained
 
-    def encode(sentences: pd.Series) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, offsets = [], []
-        for s in sentences:
-            offsets.append(len(idx))
-            idx.extend(sorted({vocab[f] for f in _features(s) if f in vocab}))
-        return torch.tensor(idx, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
+    def encode(sentences: pd.Series) -> torch.Tensor:
+        rows = [sorted({vocab[f] for f in _features(s) if f in vocab}) for s in sentences]
+        width = max((len(r) for r in rows), default=1) or 1
+        x = torch.full((len(rows), width), pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return x  # (N, F) feature ids
 
+    x_tr, x_te = encode(tr["sentence"]), encode(te["sentence"])
     y_tr = torch.tensor((tr["expr_type"] == "no-target").to_numpy(), dtype=torch.float32)
     y_te = (te["expr_type"] == "no-target").to_numpy()
     g = torch.Generator().manual_seed(seed)
-    emb = torch.nn.EmbeddingBag(max(len(vocab), 1), 1, mode="sum")
+    emb = torch.nn.EmbeddingBag(pad + 1, 1, mode="sum", padding_idx=pad)
     torch.nn.init.zeros_(emb.weight)
     bias = torch.zeros(1, requires_grad=True)
     pos = float(y_tr.sum())
     pos_weight = torch.tensor((len(y_tr) - pos) / max(pos, 1.0))
     opt = torch.optim.Adam([*emb.parameters(), bias], lr=0.05)
-    sents = list(tr["sentence"])
-    batch = 256
+    batch = max(32, min(1024, len(y_tr) // 16))  # at least 16 steps per epoch
     for _ in range(epochs):
-        perm = torch.randperm(len(sents), generator=g)
-        for start in range(0, len(sents), batch):
-            sel = perm[start : start + batch].tolist()
-            idx, off = encode(pd.Series([sents[k] for k in sel]))
-            logits = emb(idx, off).squeeze(1) + bias
+        perm = torch.randperm(len(y_tr), generator=g)
+        for start in range(0, len(y_tr), batch):
+            sel = perm[start : start + batch]
+            logits = emb(x_tr[sel]).squeeze(1) + bias  # (b,)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, y_tr[sel], pos_weight=pos_weight)
             loss = loss + weight_decay * emb.weight.pow(2).sum()
@@ -242,13 +243,12 @@ def text_only_no_target(
             loss.backward()
             opt.step()
 
-    def predict(sentences: pd.Series) -> np.ndarray:
+    def predict(x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            idx, off = encode(sentences)
-            return (emb(idx, off).squeeze(1) + bias).numpy()
+            return (emb(x).squeeze(1) + bias).numpy()
 
-    s_te = predict(te["sentence"])
-    s_tr = predict(tr["sentence"])
+    s_te = predict(x_te)
+    s_tr = predict(x_tr)
     out = _binary_scores(y_te, s_te > 0, s_te)
     out["train_balanced_accuracy"] = _binary_scores(y_tr.numpy(), s_tr > 0)["balanced_accuracy"]
     out.update(n_train=len(tr), n_test=len(te), no_target_rate_test=float(y_te.mean()),

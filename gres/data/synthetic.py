@@ -55,7 +55,7 @@ import contourpy
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-GENERATOR_VERSION = "1.0"  # bump when the output for a given (config, seed) changes
+GENERATOR_VERSION = "1.2"  # bump when the output for a given (config, seed) changes
 
 # --------------------------------------------------------------------------------------------------
 # The world: shapes, colours, sizes
@@ -727,8 +727,10 @@ def is_relevant(lf: LF, scene: Scene) -> bool:
 _SPECS = (("shape",), ("color", "shape"), ("size", "shape"), ("size", "color", "shape"),
           ("color",), ("size", "color"))
 _SPEC_P = (0.14, 0.42, 0.12, 0.12, 0.13, 0.07)
-_BASE_SPECS = (("shape",), ("color",), (), ("size",))
-_BASE_P = (0.5, 0.32, 0.03, 0.15)
+# Bases of "all ... except ...". No content-free base ("everything except the circle"): it is
+# always true somewhere, so it could never have a no-target twin and would give targets away.
+_BASE_SPECS = (("shape",), ("color",), ("size", "shape"))
+_BASE_P = (0.55, 0.33, 0.12)
 
 
 def _desc(o: Obj, spec: tuple[str, ...]) -> Desc:
@@ -1038,7 +1040,9 @@ def realise(lf: LF, rng: np.random.Generator) -> str:
             opts += [(f"all three {pl}", 0.15)]
         return _w(rng, opts)
     if isinstance(lf, Compound):
-        parts = [realise(p, rng) for p in lf.parts]
+        # every part keeps a determiner: "the tiny circle and the diamond", not "... and diamond"
+        parts = [t if t.split()[0] in ("the", "all", "every", "each") else _the(t)
+                 for t in (realise(p, rng) for p in lf.parts)]
         if len(parts) == 2:
             a, b = parts
             return _w(rng, [(f"{a} and {b}", 0.6), (f"both {a} and {b}", 0.12),
