@@ -329,6 +329,8 @@ def test_summary_and_histograms(tiny: Path) -> None:
     assert len(words) == 10 and words["count"].is_monotonic_decreasing and "the" in words.index
     table = stats.phenomenon_table(df)
     assert table.loc["total", "total"] == len(df)
+    r = stats.text_only_no_target(df, epochs=5)  # runs on the tiny set (too small to mean much)
+    assert 0.0 <= r["balanced_accuracy"] <= 1.0 and r["n_train"] == (df["split"] == "train").sum()
 
 
 def syn_tokenizer():

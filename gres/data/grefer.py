@@ -208,6 +208,19 @@ def rasterize_segmentation(
 # --------------------------------------------------------------------------------------------------
 # The index
 # --------------------------------------------------------------------------------------------------
+class _Where:
+    """``"<refs file>: ref <id>"``, built only when an error message needs it."""
+
+    __slots__ = ("file", "ref_id")
+
+    def __init__(self, file: str, ref_id: int) -> None:
+        self.file, self.ref_id = file, ref_id
+
+    def __str__(self) -> str:
+        return f"{self.file}: ref {self.ref_id}"
+
+
+
 class GRefer:
     """Index over one referring dataset (gRefCOCO or a classic RefCOCO variant).
 
@@ -275,7 +288,7 @@ class GRefer:
         )
 
     def _create_index(self, refs: Any, instances: Any) -> None:
-        rf, inf = self.refs_file, self.instances_file
+        rf, inf = str(self.refs_file), str(self.instances_file)
         if not isinstance(refs, list):
             raise ValueError(f"{rf}: expected a list of refs, got {type(refs).__name__}")
         if not isinstance(instances, dict):
@@ -320,7 +333,7 @@ class GRefer:
             if missing:
                 raise ValueError(f"{rf}: ref #{i} (ref_id={ref.get('ref_id')}) lacks keys {missing}")
             ref_id, image_id = int(ref["ref_id"]), int(ref["image_id"])
-            where = f"{rf}: ref {ref_id}"
+            where = _Where(rf, ref_id)  # formatted only when an error is raised
             if image_id not in imgs:
                 raise ValueError(f"{where}: image_id {image_id} is not in {inf}")
             ann_ids = [int(a) for a in _to_list(ref["ann_id"])]
@@ -346,6 +359,9 @@ class GRefer:
             for s in sentences:
                 if not isinstance(s, dict) or "sent_id" not in s or not (s.get("raw") or s.get("sent")):
                     raise ValueError(f"{where}: sentence {s!r} needs sent_id and raw/sent text")
+                sid = int(s["sent_id"])
+                sents[sid] = s
+                sent_to_ref[sid] = ref
             ref["ann_id"] = ann_ids
             ref["category_id"] = [int(c) for c in _to_list(ref.get("category_id", [-1]))]
             ref["no_target"] = ann_ids == [NO_TARGET_ANN]
@@ -357,10 +373,6 @@ class GRefer:
                 ann_to_refs[aid].append(ref)
             for cid in ref["category_id"]:
                 cat_to_refs[cid].append(ref)
-            for s in sentences:
-                sid = int(s["sent_id"])
-                sents[sid] = s
-                sent_to_ref[sid] = ref
 
         self.refs, self.anns, self.imgs, self.cats = ref_index, anns, imgs, cats
         self.img_to_refs, self.img_to_anns = dict(img_to_refs), dict(img_to_anns)
