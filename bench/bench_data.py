@@ -66,7 +66,8 @@ def make_big_annotations(src: Path, out: Path) -> dict:
     imgs_src, anns_src = inst["images"], inst["annotations"]
     img_offset = max(i["id"] for i in imgs_src)
     ann_offset = max(a["id"] for a in anns_src)
-    extra_per_image = max(0, round((ANNOTATIONS - len(anns_src) * copies) / (len(imgs_src) * copies)))
+    missing_anns = ANNOTATIONS - len(anns_src) * copies
+    extra_per_image = max(0, round(missing_anns / (len(imgs_src) * copies)))
     images, anns, out_refs = [], [], []
     ann_id = ann_offset * copies
     ref_id = sent_id = 0
@@ -74,7 +75,8 @@ def make_big_annotations(src: Path, out: Path) -> dict:
         for img in imgs_src:
             images.append({**img, "id": img["id"] + c * img_offset})
         for a in anns_src:
-            anns.append({**a, "id": a["id"] + c * ann_offset, "image_id": a["image_id"] + c * img_offset})
+            anns.append({**a, "id": a["id"] + c * ann_offset,
+                         "image_id": a["image_id"] + c * img_offset})
         for img in imgs_src:  # non-referred extra annotations (polygon of about 40 points)
             for _ in range(extra_per_image):
                 ann_id += 1
@@ -90,7 +92,9 @@ def make_big_annotations(src: Path, out: Path) -> dict:
             for s in r["sentences"]:
                 sent_id += 1
                 sents.append({**s, "sent_id": sent_id})
-            ann_ids = r["ann_id"] if r["ann_id"] == [-1] else [a + c * ann_offset for a in r["ann_id"]]
+            ann_ids = r["ann_id"]
+            if ann_ids != [-1]:
+                ann_ids = [a + c * ann_offset for a in ann_ids]
             out_refs.append({**r, "ref_id": ref_id, "image_id": r["image_id"] + c * img_offset,
                              "ann_id": ann_ids, "sent_ids": [s["sent_id"] for s in sents],
                              "sentences": sents})
@@ -143,16 +147,19 @@ def coco_sized_copy(src: Path, out: Path, n_images: int = 60) -> Path:
     for img in imgs:
         im = Image.open(src / "images" / "train2014" / img["file_name"]).convert("RGB")
         scale[img["id"]] = (640 / img["width"], 480 / img["height"])
-        im.resize((640, 480), Image.BICUBIC).save(out / "images" / "train2014" / img["file_name"], quality=90)
+        big = im.resize((640, 480), Image.BICUBIC)
+        big.save(out / "images" / "train2014" / img["file_name"], quality=90)
         img["width"], img["height"] = 640, 480
     anns = []
     for a in inst["annotations"]:
         if a["image_id"] in keep:
             sx, sy = scale[a["image_id"]]
-            seg = [[v * (sx if k % 2 == 0 else sy) for k, v in enumerate(p)] for p in a["segmentation"]]
+            seg = [[v * (sx if k % 2 == 0 else sy) for k, v in enumerate(p)]
+                   for p in a["segmentation"]]
             x, y, w, h = a["bbox"]
             anns.append({**a, "segmentation": seg, "bbox": [x * sx, y * sy, w * sx, h * sy]})
-    (out / "grefcoco" / "grefs(unc).json").write_text(json.dumps([r for r in refs if r["image_id"] in keep]))
+    kept_refs = [r for r in refs if r["image_id"] in keep]
+    (out / "grefcoco" / "grefs(unc).json").write_text(json.dumps(kept_refs))
     (out / "grefcoco" / "instances.json").write_text(json.dumps(
         {"images": imgs, "annotations": anns, "categories": inst["categories"]}))
     return out
@@ -187,13 +194,15 @@ def bench_throughput(src: Path, n: int, repeats: int, size: int) -> list[str]:
     ds = GRESDataset(src, "val", image_size=size, tokenizer=TOKENIZER)
     med, best = samples_per_second(ds, n, repeats)
     print(f"synthetic ({src.name}) @ {size}: {med:.0f} samples/s (best {best:.0f})")
-    rows.append(f"| getitem, synthetic 256x192 JPEG -> {size}, 1 process | {med:.0f} /s | {best:.0f} /s | |")
+    rows.append(f"| getitem, synthetic 256x192 JPEG -> {size}, 1 process | {med:.0f} /s "
+                f"| {best:.0f} /s | |")
     with tempfile.TemporaryDirectory() as d:
         coco = coco_sized_copy(src, Path(d))
         ds2 = GRESDataset(coco, "val", image_size=size, tokenizer=TOKENIZER)
         med, best = samples_per_second(ds2, n, repeats)
         print(f"COCO-sized 640x480 @ {size}: {med:.0f} samples/s (best {best:.0f})")
-        rows.append(f"| getitem, 640x480 JPEG -> {size}, 1 process | {med:.0f} /s | {best:.0f} /s | |")
+        rows.append(f"| getitem, 640x480 JPEG -> {size}, 1 process | {med:.0f} /s "
+                    f"| {best:.0f} /s | |")
     rate = loader_rate(ds, max(n, 400), workers=2)
     print(f"DataLoader 2 workers, batch 16 @ {size}: {rate:.0f} samples/s")
     rows.append(f"| DataLoader, 2 workers, batch 16, synthetic -> {size} | {rate:.0f} /s | | |")
@@ -202,7 +211,8 @@ def bench_throughput(src: Path, n: int, repeats: int, size: int) -> list[str]:
 
 def main() -> None:
     global TOKENIZER
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=None, help="synthetic dataset root (default: data/synthetic)")
     ap.add_argument("--samples", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)

@@ -7,11 +7,11 @@
 
 Expected layout (the official code's ``$DETECTRON2_DATASETS``, default ``datasets``)::
 
-    <root>/grefcoco/grefs(unc).json      gRefCOCO refs        https://github.com/henghuiding/gRefCOCO
-    <root>/grefcoco/instances.json       COCO-format masks    (Google Drive, or HF FudanCVL/gRefCOCO)
-    <root>/images/train2014/COCO_train2014_*.jpg              COCO 2014 train images:
-                                         https://cocodataset.org/#download
-                                         http://images.cocodataset.org/zips/train2014.zip
+    <root>/grefcoco/grefs(unc).json   gRefCOCO refs      https://github.com/henghuiding/gRefCOCO
+    <root>/grefcoco/instances.json    COCO-format masks  (Google Drive, or HF FudanCVL/gRefCOCO)
+    <root>/images/train2014/COCO_train2014_*.jpg         COCO 2014 train images:
+                                      https://cocodataset.org/#download
+                                      http://images.cocodataset.org/zips/train2014.zip
 
 The script says exactly what is missing and where it is published, indexes the annotations with
 ``gres.data.grefer.GRefer`` (which validates every ref), checks that the referenced images exist
@@ -122,9 +122,11 @@ def check_layout(
             to_check = [used[int(k * step)] for k in range(sample)]
         else:
             to_check = used
-        missing = [refer.imgs[i]["file_name"] for i in to_check if not refer.image_path(i).is_file()]
+        missing = [refer.imgs[i]["file_name"] for i in to_check
+                   if not refer.image_path(i).is_file()]
         if missing:
-            rep.problem(f"{len(missing)} of {len(to_check)} checked images are missing in {img_dir}, "
+            rep.problem(f"{len(missing)} of {len(to_check)} checked images are missing in "
+                        f"{img_dir}, "
                         f"e.g. {missing[:3]}; COCO train2014 images: {COCO_URL}")
         present = [i for i in to_check if refer.image_path(i).is_file()]
         from gres.data.dataset import load_rgb
@@ -153,9 +155,11 @@ def check_layout(
     for split in counts:
         ids = refer.get_ref_ids(split=split)
         counts[split]["images"] = len({refer.refs[r]["image_id"] for r in ids})
-        counts[split]["instances"] = len({a for r in ids for a in refer.refs[r]["ann_id"]} - {NO_TARGET_ANN})
+        referred = {a for r in ids for a in refer.refs[r]["ann_id"]} - {NO_TARGET_ANN}
+        counts[split]["instances"] = len(referred)
     order = ["train", "val", "test", "testA", "testB"]
-    splits = {k: counts[k] for k in sorted(counts, key=lambda s: (order.index(s) if s in order else 9, s))}
+    ranked = sorted(counts, key=lambda s: (order.index(s) if s in order else 9, s))
+    splits = {k: counts[k] for k in ranked}
     files = [refer.refs_file, refer.instances_file]
     rep.manifest = {
         "dataset": dataset,
@@ -177,17 +181,19 @@ def check_layout(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="datasets", help="folder holding grefcoco/ and images/")
-    ap.add_argument("--dataset", default="grefcoco", choices=["grefcoco", "refcoco", "refcoco+", "refcocog"])
+    ap.add_argument("--dataset", default="grefcoco",
+                    choices=["grefcoco", "refcoco", "refcoco+", "refcocog"])
     ap.add_argument("--split-by", default="unc", help="unc (default), umd or google (refcocog)")
     ap.add_argument("--images", default="all", choices=["all", "sample", "none"])
     ap.add_argument("--sample", type=int, default=500, help="images checked with --images sample")
     ap.add_argument("--decode", type=int, default=10, help="images decoded and size-checked")
     ap.add_argument("--manifest", default="auto", help="manifest path ('none' = do not write)")
     args = ap.parse_args(argv)
-    rep = check_layout(args.root, args.dataset, args.split_by, args.images, args.sample, args.decode,
-                       None if args.manifest == "none" else args.manifest)
+    rep = check_layout(args.root, args.dataset, args.split_by, args.images, args.sample,
+                       args.decode, None if args.manifest == "none" else args.manifest)
     print(rep.text())
     return 0 if rep.ok else 1
 

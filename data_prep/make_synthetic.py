@@ -21,11 +21,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from gres.data.synthetic import DEFAULT_DIRS, PRESETS, generate, get_config, is_up_to_date  # noqa: E402
+from gres.data.synthetic import (  # noqa: E402
+    DEFAULT_DIRS,
+    PRESETS,
+    generate,
+    get_config,
+    is_up_to_date,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--out", default=None, help="output folder (default: data/synthetic[-tiny])")
     ap.add_argument("--seed", type=int, default=0)
@@ -44,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                         workers=args.workers)
     tot = manifest["totals"]
     print(f"{out}: {tot['images']} images, {tot['expressions']} expressions "
-          f"({tot['multi']} multi-target, {tot['no_target']} no-target) in {time.time() - t0:.1f} s")
+          f"({tot['multi']} multi-target, {tot['no_target']} no-target) "
+          f"in {time.time() - t0:.1f} s")
     if not args.quiet:
         print(json.dumps(manifest["splits"], indent=1))
     return 0

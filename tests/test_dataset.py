@@ -1,4 +1,5 @@
-"""gres.data.dataset: samples as ReLA's mapper builds them, image modes, tokens, collate, loaders."""
+"""gres.data.dataset: samples as ReLA's mapper builds them, image modes, tokens, collate,
+loaders."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def test_sample_contract(mini: Path, tok) -> None:
     ds = GRESDataset(mini, "train", image_size=80, tokenizer=tok)
     assert len(ds) == 5  # one sample per sentence: ref 1 (2), ref 2 (1), ref 3 (2)
     s = ds[0]
-    assert set(s) == {"image", "input_ids", "text_mask", "gt_mask", "no_target", "expr_type", "meta"}
+    assert set(s) == {"image", "input_ids", "text_mask", "gt_mask", "no_target", "expr_type",
+                      "meta"}
     assert s["image"].shape == (3, 80, 80) and s["image"].dtype == torch.uint8
     assert s["input_ids"].shape == (20,) and s["input_ids"].dtype == torch.int64
     assert s["text_mask"].shape == (20,) and s["text_mask"].dtype == torch.bool
@@ -83,7 +85,8 @@ def test_sample_contract(mini: Path, tok) -> None:
     assert s["meta"] == {"image_id": 1, "ref_id": 1, "sent_id": 1, "sentence": "the left square",
                          "split": "train", "file_name": "img1.png", "orig_size": (30, 40)}
     assert [ds.meta(i)["sent_id"] for i in range(len(ds))] == [1, 2, 3, 4, 5]
-    assert ds.expr_types.tolist() == [EXPR_SINGLE, EXPR_SINGLE, EXPR_MULTI, EXPR_NO_TARGET, EXPR_NO_TARGET]
+    assert ds.expr_types.tolist() == [EXPR_SINGLE, EXPR_SINGLE, EXPR_MULTI, EXPR_NO_TARGET,
+                                      EXPR_NO_TARGET]
 
 
 def test_masks_are_scaled_polygon_unions(mini: Path, tok) -> None:
@@ -210,8 +213,10 @@ def test_collate_and_batch(mini: Path, tok) -> None:
     b = collate([ds[i] for i in range(len(ds))])
     assert isinstance(b, Batch) and len(b) == 5
     assert b.image.shape == (5, 3, 24, 24) and b.input_ids.shape == (5, 20)
-    assert b.gt_mask.shape == (5, 24, 24) and b.no_target.tolist() == [False, False, False, True, True]
-    assert b.expr_type.tolist() == [0, 0, 1, 2, 2] and [m["sent_id"] for m in b.meta] == [1, 2, 3, 4, 5]
+    assert b.gt_mask.shape == (5, 24, 24)
+    assert b.no_target.tolist() == [False, False, False, True, True]
+    assert b.expr_type.tolist() == [0, 0, 1, 2, 2]
+    assert [m["sent_id"] for m in b.meta] == [1, 2, 3, 4, 5]
     moved = b.to("cpu")
     assert torch.equal(moved.gt_mask, b.gt_mask) and moved.meta is b.meta
     with pytest.raises(ValueError):

@@ -194,7 +194,8 @@ def test_malformed_and_truncated_json(mini: Path, name: str) -> None:
     path = mini / "grefcoco" / name
     text = path.read_text()
     path.write_text(text[: len(text) // 2])
-    with pytest.raises(ValueError, match=rf"{name.replace('(', '.').replace(')', '.')}.*malformed or truncated"):
+    pattern = name.replace("(", ".").replace(")", ".") + ".*malformed or truncated"
+    with pytest.raises(ValueError, match=pattern):
         GRefer(mini)
     path.write_text("{'single': 'quotes'}")
     with pytest.raises(ValueError, match="malformed"):
@@ -250,7 +251,8 @@ def test_unknown_split(mini: Path) -> None:
 # data_prep/check_grefcoco.py
 # --------------------------------------------------------------------------------------------------
 def _check_module():
-    spec = importlib.util.spec_from_file_location("check_grefcoco", REPO / "data_prep" / "check_grefcoco.py")
+    path = REPO / "data_prep" / "check_grefcoco.py"
+    spec = importlib.util.spec_from_file_location("check_grefcoco", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
@@ -267,7 +269,8 @@ def test_check_grefcoco_on_tiny(tiny: Path, tmp_path: Path) -> None:
     for split, c in gen["splits"].items():
         for key in ("images", "refs", "expressions", "single", "multi", "no_target"):
             assert m["splits"][split][key] == c[key], (split, key)
-    assert m["files"]["grefcoco/grefs(unc).json"]["sha256"] == gen["sha256"]["grefcoco/grefs(unc).json"]
+    rel = "grefcoco/grefs(unc).json"
+    assert m["files"][rel]["sha256"] == gen["sha256"][rel]
     assert mod.main(["--root", str(tiny), "--manifest", "none", "--images", "sample",
                      "--sample", "5"]) == 0
 

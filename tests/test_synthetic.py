@@ -112,7 +112,8 @@ def test_regions_and_relations() -> None:
     assert evaluate(Relation(STAR, "above", SQUARE, False), s) == {3}
     assert evaluate(Relation(STAR, "below", SQUARE, False), s) == frozenset()
     assert evaluate(Relation(CIRCLE, "behind", Desc(shape="circle", color="blue"), False), s) == {1}
-    assert evaluate(Relation(CIRCLE, "in_front", Desc(shape="circle", size="small"), False), s) == {2}
+    small_circle = Desc(shape="circle", size="small")
+    assert evaluate(Relation(CIRCLE, "in_front", small_circle, False), s) == {2}
     assert evaluate(Relation(CIRCLE, "left_of", Desc(color="yellow"), False), s) == frozenset()
     assert evaluate(Relation(STAR, "left_of", CIRCLE, False), s) is None  # anchor not unique
 
@@ -123,7 +124,8 @@ def test_compound_shared_exclusion() -> None:
     assert evaluate(Compound((Attr(STAR, False), Attr(Desc(color="yellow"), False))), s) is None
     assert evaluate(Compound((Attr(Desc(color="yellow"), False),
                               Attr(Desc(shape="triangle"), False))), s) == frozenset()
-    shared = Shared((RED_CIRCLE, Desc(shape="circle", color="blue")), (True, False), "shape", "color")
+    blue_circle = Desc(shape="circle", color="blue")
+    shared = Shared((RED_CIRCLE, blue_circle), (True, False), "shape", "color")
     assert evaluate(shared, s) == {0, 1, 2}  # "the red and blue circles"
     assert evaluate(Except(Desc(), Desc(shape="circle"), None, True), s) == {3, 4}
     assert evaluate(Except(CIRCLE, None, "left", False), s) == {1, 2}
@@ -201,7 +203,8 @@ def test_files_follow_grefcoco_format(tiny: Path) -> None:
         assert 0 <= x and 0 <= y and x + w <= img["width"] + 1 and y + h <= img["height"] + 1
     files = sorted(p.name for p in (tiny / "images" / "train2014").iterdir())
     assert files == sorted(i["file_name"] for i in images.values())
-    assert {(i["width"], i["height"]) for i in images.values()} <= {(256, 192), (192, 256), (224, 224)}
+    sizes = {(i["width"], i["height"]) for i in images.values()}
+    assert sizes <= {(256, 192), (192, 256), (224, 224)}
     tot = manifest["totals"]
     assert tot["expressions"] == sum(len(r["sentences"]) for r in refs)
     assert tot["no_target"] == sum(len(r["sentences"]) for r in refs if r["no_target"])
@@ -248,7 +251,8 @@ def test_every_phenomenon_and_both_no_target_rules(small: Path) -> None:
     for r in g.refs.values():
         if not r["no_target"]:
             for s in r["sentences"]:
-                text_by_split.setdefault(r["split"], {}).setdefault(s["raw"], set()).add(r["image_id"])
+                texts = text_by_split.setdefault(r["split"], {})
+                texts.setdefault(s["raw"], set()).add(r["image_id"])
     for r in g.refs.values():
         for s in r["sentences"]:
             if s["expr_kind"].startswith("nt-borrowed"):
@@ -260,7 +264,8 @@ def test_deterministic_idempotent_and_atomic(tmp_path: Path, tiny: Path, monkeyp
     a, b = tmp_path / "a", tmp_path / "b"
     ma = generate(a, "tiny", seed=0, progress=False)
     mb = generate(b, "tiny", seed=0, progress=False)
-    assert ma["sha256"] == mb["sha256"] == json.loads((tiny / "manifest.json").read_text())["sha256"]
+    tiny_manifest = json.loads((tiny / "manifest.json").read_text())
+    assert ma["sha256"] == mb["sha256"] == tiny_manifest["sha256"]
     assert (a / "images" / "train2014" / "synthetic_000000000003.jpg").read_bytes() == \
         (b / "images" / "train2014" / "synthetic_000000000003.jpg").read_bytes()
     mc = generate(tmp_path / "c", "tiny", seed=1, progress=False)
@@ -293,7 +298,8 @@ def test_deterministic_idempotent_and_atomic(tmp_path: Path, tiny: Path, monkeyp
 
 
 def test_make_synthetic_cli(tmp_path: Path, capsys) -> None:
-    spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "data_prep" / "make_synthetic.py")
+    path = REPO / "data_prep" / "make_synthetic.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -320,7 +326,8 @@ def test_summary_and_histograms(tiny: Path) -> None:
                                                    c["referred_instances"], c["refs"])
     assert summary.loc["total", "expressions"] == len(df)
     lengths = stats.length_histogram(df)
-    assert lengths.values.sum() == len(df) and list(lengths.columns) == ["single", "multi", "no-target"]
+    assert lengths.values.sum() == len(df)
+    assert list(lengths.columns) == ["single", "multi", "no-target"]
     tok_lengths = stats.length_histogram(df, tokenizer=syn_tokenizer(), max_len=20)
     assert tok_lengths.index.max() <= 20 and tok_lengths.index.min() >= 3
     targets = stats.targets_histogram(df)

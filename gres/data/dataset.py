@@ -7,14 +7,14 @@ One sample per **sentence** (expression). For each sample:
 * the referred instances' polygons are scaled to ``S x S`` and rasterised there with pycocotools;
   crowd annotations are dropped; the ground truth is their **union**; a no-target ref
   (``ann_id == [-1]``) gives an all-zero mask and ``no_target = True``;
-* the expression (``sentence['raw']``) is tokenised with a BERT WordPiece tokenizer, ``[CLS] ... [SEP]``,
-  hard-truncated to ``max_tokens`` (20, so ``[SEP]`` is lost on long expressions), right-padded with 0,
-  and ``text_mask`` is True on real tokens.
+* the expression (``sentence['raw']``) is tokenised with a BERT WordPiece tokenizer,
+  ``[CLS] ... [SEP]``, hard-truncated to ``max_tokens`` (20, so ``[SEP]`` is lost on long
+  expressions), right-padded with 0, and ``text_mask`` is True on real tokens.
 
 Two guards that the official mapper only asserts: if every referred annotation is crowd, the crowd
-masks are used rather than producing an empty target; if a target rasterises to zero pixels at the
-chosen size (a tiny object at a small ``S``), the pixel at its box centre is set. So ``no_target`` and
-``gt_mask.any()`` always agree (tested).
+masks are used rather than producing an empty target; if a target rasterises to zero pixels at
+the chosen size (a tiny object at a small ``S``), the pixel at its box centre is set. So
+``no_target`` and ``gt_mask.any()`` always agree (tested).
 
 The sample dict (contract shared by every module) is documented in :meth:`GRESDataset.__getitem__`;
 :func:`collate` stacks samples into a :class:`Batch`.
@@ -50,9 +50,9 @@ def build_tokenizer(name_or_path: str | None = None) -> Any:
     """A BERT WordPiece tokenizer from transformers.
 
     Args:
-        name_or_path: hub name ("bert-base-uncased", needs the hub or a local cache), a local folder,
-            or None / "minilm" for the packaged offline all-MiniLM-L6-v2 tokenizer, whose vocabulary
-            is bert-base-uncased's (same ids, lower-casing and accent stripping).
+        name_or_path: hub name ("bert-base-uncased", needs the hub or a local cache), a local
+            folder, or None / "minilm" for the packaged offline all-MiniLM-L6-v2 tokenizer,
+            whose vocabulary is bert-base-uncased's (same ids, lower-casing, accent stripping).
 
     Raises:
         OSError: the tokenizer cannot be found (offline and not cached); the message says how to
@@ -74,7 +74,9 @@ def build_tokenizer(name_or_path: str | None = None) -> Any:
         ) from exc
 
 
-def tokenize(tokenizer: Any, sentence: str, max_tokens: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(
+    tokenizer: Any, sentence: str, max_tokens: int = 20
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ReLA's tokenisation (refcoco_mapper.py:165-178, spec §1.2).
 
     Returns:
@@ -130,7 +132,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
 
 def resize_square(img: Image.Image, size: int) -> np.ndarray:
-    """PIL bilinear resize to ``size x size`` (ReLA ``T.Resize((S, S))``). Returns (S, S, 3) uint8."""
+    """PIL bilinear resize to ``size x size`` (ReLA ``T.Resize((S, S))``); (S, S, 3) uint8."""
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
@@ -245,7 +247,9 @@ class GRESDataset(Dataset):
         self.split = split
         self.image_size = int(image_size)
         self.max_tokens = int(max_tokens)
-        self.tokenizer = build_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        if tokenizer is None or isinstance(tokenizer, str):
+            tokenizer = build_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
         self.cache_images = cache_images
         self._image_cache: dict[int, np.ndarray] = {}
         self._mask_cache: dict[int, np.ndarray] = {}
@@ -261,7 +265,8 @@ class GRESDataset(Dataset):
         self._samples = samples
         if check_images:
             used = {self._refs[r].image_id for r, _, _ in samples}
-            missing = [self._images[i][0] for i in sorted(used) if not os.path.isfile(self._images[i][0])]
+            paths = [self._images[i][0] for i in sorted(used)]
+            missing = [p for p in paths if not os.path.isfile(p)]
             if missing:
                 raise FileNotFoundError(
                     f"{len(missing)} image(s) of split {split!r} are missing, e.g. {missing[:3]}. "
@@ -329,7 +334,8 @@ class GRESDataset(Dataset):
             # The target vanished at this size: keep one pixel so the flag and the mask agree.
             h, w = decoded_hw
             x, y, bw, bh = rec.boxes[0]
-            mask[min(int((y + bh / 2) * S / h), S - 1), min(int((x + bw / 2) * S / w), S - 1)] = True
+            row, col = int((y + bh / 2) * S / h), int((x + bw / 2) * S / w)
+            mask[min(row, S - 1), min(col, S - 1)] = True
         if self.cache_images:
             self._mask_cache[r] = mask
         return mask
@@ -369,7 +375,7 @@ class GRESDataset(Dataset):
         }
 
     def preload(self, progress: bool = True) -> None:
-        """Fill the in-memory cache (only with ``cache_images=True``), e.g. before forking workers."""
+        """Fill the in-memory cache (needs ``cache_images=True``), e.g. before forking workers."""
         if not self.cache_images:
             raise ValueError("preload() needs cache_images=True")
         from tqdm.auto import tqdm

@@ -13,12 +13,13 @@ GRES paper §3.2 (gRefCOCO); spec §6.1 (file layout), §6.4 (the official ``gre
 
 Differences from the official API, all deliberate:
 
-* The no-target bug is fixed: :meth:`GRefer.get_mask` gives the same answer whether it is called with
-  a ref or with a ``ref_id`` (the official ``getMaskByRef(ref_id=...)`` crashes for no-target refs).
+* The no-target bug is fixed: :meth:`GRefer.get_mask` gives the same answer whether it is called
+  with a ref or with a ``ref_id`` (the official ``getMaskByRef(ref_id=...)`` crashes for
+  no-target refs).
   :meth:`GRefer.get_ref_boxes` returns ``[]`` for a no-target ref instead of crashing.
 * When both ``grefs(unc).json`` and ``grefs(unc).p`` exist the JSON file is read (pure data; the
-  official code prefers the pickle). Pickles are read by :func:`safe_pickle_load`, which builds plain
-  containers only: a crafted pickle cannot run code.
+  official code prefers the pickle). Pickles are read by :func:`safe_pickle_load`, which builds
+  plain containers only: a crafted pickle cannot run code.
 * Everything a ref points at is checked once, at indexing time, and bad input raises a
   ``ValueError`` / ``FileNotFoundError`` that names the file, ref or annotation.
 * Polygon parts with fewer than 3 points are dropped (as the official loader does); an annotation
@@ -47,12 +48,15 @@ from pycocotools import mask as coco_mask
 
 
 # Where users get the real data (printed in every "file missing" error and by check_grefcoco.py).
-GREFCOCO_URL = "https://github.com/henghuiding/gRefCOCO (Google Drive, or HF dataset FudanCVL/gRefCOCO)"
+GREFCOCO_URL = (
+    "https://github.com/henghuiding/gRefCOCO (Google Drive, or HF dataset FudanCVL/gRefCOCO)"
+)
 REFER_URL = "https://github.com/lichengunc/refer (refcoco, refcoco+, refcocog zips)"
 COCO_URL = "https://cocodataset.org/#download (http://images.cocodataset.org/zips/train2014.zip)"
 
 CLASSIC_DATASETS = ("refcoco", "refcoco+", "refcocog")
 NO_TARGET_ANN = -1  # grefs(unc).json: ann_id == [-1] marks a no-target ref (spec §6.1)
+_REF_KEYS = ("ref_id", "image_id", "ann_id", "split", "sentences")  # what every ref must have
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +105,8 @@ def load_json(path: str | os.PathLike) -> Any:
             return json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(
-            f"{path}: malformed or truncated JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+            f"{path}: malformed or truncated JSON "
+            f"(line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from exc
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 JSON ({exc})") from exc
@@ -110,7 +115,7 @@ def load_json(path: str | os.PathLike) -> Any:
 @contextlib.contextmanager
 def no_gc() -> Iterator[None]:
     """Pause the cyclic garbage collector while building millions of small containers (a JSON of
-    gRefCOCO's size): otherwise every few thousand allocations trigger a rescan of the whole heap."""
+    gRefCOCO's size): otherwise every few thousand allocations trigger a rescan of the heap."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -188,7 +193,8 @@ def rasterize_segmentation(
         if (oh, ow) != m.shape:
             from PIL import Image  # local import: only RLE needs it
 
-            m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((ow, oh), Image.NEAREST)) > 0
+            small = Image.fromarray(m.astype(np.uint8) * 255)
+            m = np.asarray(small.resize((ow, oh), Image.NEAREST)) > 0
         return m
     sx, sy = ow / w, oh / h
     polys = []
@@ -268,7 +274,8 @@ class GRefer:
             self._create_index(refs, instances)
         if verbose:
             print(
-                f"GRefer({dataset}, {split_by}): {len(self.refs)} refs, {len(self.sents)} sentences, "
+                f"GRefer({dataset}, {split_by}): {len(self.refs)} refs, "
+                f"{len(self.sents)} sentences, "
                 f"{len(self.imgs)} images, {len(self.anns) - 1} annotations, "
                 f"splits {self.available_splits}"
             )
@@ -276,7 +283,7 @@ class GRefer:
     # ---------------------------------------------------------------------------------------------
     def _find_refs_file(self) -> Path:
         stem = "grefs" if self.dataset == "grefcoco" else "refs"
-        candidates = [self.data_dir / f"{stem}({self.split_by}).json", self.data_dir / f"{stem}({self.split_by}).p"]
+        candidates = [self.data_dir / f"{stem}({self.split_by}).{ext}" for ext in ("json", "p")]
         for c in candidates:
             if c.is_file():
                 return c
@@ -306,7 +313,8 @@ class GRefer:
                 imgs[int(img["id"])] = img
                 img["height"], img["width"], img["file_name"]  # noqa: B018 - presence check
             except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{inf}: image entry #{i} lacks {exc} (needs id/file_name/height/width)") from exc
+                raise ValueError(f"{inf}: image entry #{i} lacks {exc} "
+                                 f"(needs id/file_name/height/width)") from exc
         for i, ann in enumerate(instances["annotations"]):
             try:
                 aid, iid = int(ann["id"]), int(ann["image_id"])
@@ -329,9 +337,10 @@ class GRefer:
         for i, ref in enumerate(refs):
             if not isinstance(ref, dict):
                 raise ValueError(f"{rf}: ref #{i} is not a dict")
-            missing = [k for k in ("ref_id", "image_id", "ann_id", "split", "sentences") if k not in ref]
+            missing = [k for k in _REF_KEYS if k not in ref]
             if missing:
-                raise ValueError(f"{rf}: ref #{i} (ref_id={ref.get('ref_id')}) lacks keys {missing}")
+                raise ValueError(
+                    f"{rf}: ref #{i} (ref_id={ref.get('ref_id')}) lacks keys {missing}")
             ref_id, image_id = int(ref["ref_id"]), int(ref["image_id"])
             where = _Where(rf, ref_id)  # formatted only when an error is raised
             if image_id not in imgs:
@@ -348,8 +357,8 @@ class GRefer:
                 if ann is None:
                     raise ValueError(f"{where}: points at annotation {aid}, which is not in {inf}")
                 if int(ann["image_id"]) != image_id:
-                    raise ValueError(f"{where}: annotation {aid} belongs to image {ann['image_id']}, "
-                                     f"not to the ref's image {image_id}")
+                    raise ValueError(f"{where}: annotation {aid} belongs to image "
+                                     f"{ann['image_id']}, not to the ref's image {image_id}")
                 if aid not in checked_anns:
                     check_segmentation(ann, f"{inf} (used by ref {ref_id})")
                     checked_anns.add(aid)
@@ -357,7 +366,8 @@ class GRefer:
             if not isinstance(sentences, list) or not sentences:
                 raise ValueError(f"{where}: has no sentences")
             for s in sentences:
-                if not isinstance(s, dict) or "sent_id" not in s or not (s.get("raw") or s.get("sent")):
+                if not isinstance(s, dict) or "sent_id" not in s or not (
+                        s.get("raw") or s.get("sent")):
                     raise ValueError(f"{where}: sentence {s!r} needs sent_id and raw/sent text")
                 sid = int(s["sent_id"])
                 sents[sid] = s
@@ -389,7 +399,8 @@ class GRefer:
         unknown = [s for s in wanted if s not in self.available_splits]
         if unknown:
             raise ValueError(
-                f"unknown split(s) {unknown} for {self.refs_file}; available: {self.available_splits}"
+                f"unknown split(s) {unknown} for {self.refs_file}; "
+                f"available: {self.available_splits}"
             )
         return wanted
 
@@ -415,7 +426,9 @@ class GRefer:
         return [int(r["ref_id"]) for r in refs]
 
     def get_ann_ids(
-        self, image_ids: int | Iterable[int] | None = None, ref_ids: int | Iterable[int] | None = None
+        self,
+        image_ids: int | Iterable[int] | None = None,
+        ref_ids: int | Iterable[int] | None = None,
     ) -> list[int]:
         """Annotation ids of the given images, intersected with the refs' ann ids (never -1)."""
         image_ids = [] if image_ids is None else _to_list(image_ids)
@@ -513,7 +526,9 @@ class GRefer:
     getRefBox = get_ref_boxes  # noqa: N815
     getMask = get_ann_mask  # noqa: N815
 
-    def getMaskByRef(self, ref: dict | None = None, ref_id: int | None = None, merge: bool = False):  # noqa: N802
+    def getMaskByRef(  # noqa: N802 - official name
+        self, ref: dict | None = None, ref_id: int | None = None, merge: bool = False
+    ) -> dict | list:
         """Official signature: per-ann mask dicts, or the merged union with ``merge=True``."""
         if ref is None:
             ref = self.refs[int(ref_id)]

@@ -47,7 +47,9 @@ def words(sentence: str) -> list[str]:
     return re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", sentence.lower())
 
 
-def expressions_frame(source: GRefer | str | os.PathLike, dataset: str = "grefcoco") -> pd.DataFrame:
+def expressions_frame(
+    source: GRefer | str | os.PathLike, dataset: str = "grefcoco"
+) -> pd.DataFrame:
     """One row per expression (sample order of :class:`gres.data.dataset.GRESDataset`).
 
     Columns: split, ref_id, sent_id, image_id, sentence, n_words, n_targets (0 = no target),
@@ -62,8 +64,9 @@ def expressions_frame(source: GRefer | str | os.PathLike, dataset: str = "grefco
         etype = "no-target" if nt else ("multi" if n_t > 1 else "single")
         for s in ref["sentences"]:
             text = s.get("raw") or s["sent"]
-            rows.append((ref["split"], int(ref["ref_id"]), int(s["sent_id"]), int(ref["image_id"]),
-                         text, len(words(text)), n_t, etype, s.get("phenomenon"), s.get("expr_kind")))
+            rows.append((ref["split"], int(ref["ref_id"]), int(s["sent_id"]),
+                         int(ref["image_id"]), text, len(words(text)), n_t, etype,
+                         s.get("phenomenon"), s.get("expr_kind")))
     cols = ["split", "ref_id", "sent_id", "image_id", "sentence", "n_words", "n_targets",
             "expr_type", "phenomenon", "expr_kind"]
     return pd.DataFrame(rows, columns=cols)
@@ -112,8 +115,8 @@ def length_histogram(
     """
     df = source if isinstance(source, pd.DataFrame) else expressions_frame(source)
     if tokenizer is not None:
-        lengths = pd.Series([len(tokenizer.encode(s, add_special_tokens=True)) for s in df["sentence"]],
-                            index=df.index)
+        n_tok = [len(tokenizer.encode(s, add_special_tokens=True)) for s in df["sentence"]]
+        lengths = pd.Series(n_tok, index=df.index)
     else:
         lengths = df["n_words"]
     if max_len is not None:
@@ -287,6 +290,7 @@ def image_independent_rules(
         rows[name] = _binary_scores(y_te, np.array([flag.get(v, False) for v in te[col]]))
     if include_text_model:
         r = text_only_no_target(df, train_split, test_split, seed=seed)
-        rows["bag-of-words logistic regression"] = {k: r[k] for k in ("accuracy", "balanced_accuracy")}
+        keys = ("accuracy", "balanced_accuracy")
+        rows["bag-of-words logistic regression"] = {k: r[k] for k in keys}
     out = pd.DataFrame.from_dict(rows, orient="index")
     return (100 * out).round(1)

@@ -111,7 +111,9 @@ class SyntheticConfig:
 
 PRESETS: dict[str, SyntheticConfig] = {
     "default": SyntheticConfig(),
-    "tiny": SyntheticConfig(name="tiny", train_images=24, val_images=8, testA_images=4, testB_images=4),
+    "tiny": SyntheticConfig(
+        name="tiny", train_images=24, val_images=8, testA_images=4, testB_images=4
+    ),
 }
 DEFAULT_DIRS = {"default": "data/synthetic", "tiny": "data/synthetic-tiny"}
 
@@ -120,7 +122,8 @@ def get_config(preset_or_cfg: str | SyntheticConfig) -> SyntheticConfig:
     if isinstance(preset_or_cfg, SyntheticConfig):
         return preset_or_cfg
     if preset_or_cfg not in PRESETS:
-        raise ValueError(f"unknown synthetic preset {preset_or_cfg!r}; choose from {sorted(PRESETS)}")
+        raise ValueError(
+            f"unknown synthetic preset {preset_or_cfg!r}; choose from {sorted(PRESETS)}")
     return PRESETS[preset_or_cfg]
 
 
@@ -242,7 +245,10 @@ def _simplify(points: np.ndarray, eps: float) -> np.ndarray:
             ab = b - a
             n = np.hypot(*ab)
             seg = p[i + 1 : j] - a
-            d = np.abs(ab[0] * seg[:, 1] - ab[1] * seg[:, 0]) / n if n > 0 else np.hypot(seg[:, 0], seg[:, 1])
+            if n > 0:
+                d = np.abs(ab[0] * seg[:, 1] - ab[1] * seg[:, 0]) / n
+            else:
+                d = np.hypot(seg[:, 0], seg[:, 1])
             k = int(np.argmax(d))
             if d[k] > eps:
                 keep.append(i + 1 + k)
@@ -298,7 +304,8 @@ def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig, style: str) -> 
     if style == "crowd":  # one dominant shape, few colours: people-like scenes of RefCOCO testA
         main = SHAPES[rng.integers(len(SHAPES))]
         palette = list(rng.choice(color_names, size=3, replace=False))
-        shapes = [main if rng.random() < 0.7 else SHAPES[rng.integers(len(SHAPES))] for _ in range(n)]
+        shapes = [main if rng.random() < 0.7 else SHAPES[rng.integers(len(SHAPES))]
+                  for _ in range(n)]
         colors = [palette[rng.integers(3)] if rng.random() < 0.7 else color_names[rng.integers(7)]
                   for _ in range(n)]
     elif style == "mixed":  # mostly distinct shapes (testB-like)
@@ -337,13 +344,15 @@ def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig, style: str) -> 
                 cy = ext + (h - 2 * ext) * rng.random()
             if not (ext <= cx <= w - ext and ext <= cy <= h - ext):
                 continue
-            ok = all(np.hypot(cx - o.cx, cy - o.cy) >= o.r + r + 3 for k, o in enumerate(objs) if k != j)
+            ok = all(np.hypot(cx - o.cx, cy - o.cy) >= o.r + r + 3
+                     for k, o in enumerate(objs) if k != j)
             if ok:
                 placed = (cx, cy)
                 break
         if placed is None:
             return None
-        objs.append(Obj(str(shapes[i]), str(colors[i]), size, placed[0], placed[1], r, angle, aspect))
+        objs.append(Obj(str(shapes[i]), str(colors[i]), size, placed[0], placed[1], r, angle,
+                        aspect))
     return Scene(w, h, objs)
 
 
@@ -351,7 +360,9 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """(H, W, 3) float32 textured, low-saturation background."""
 
     def muted() -> np.ndarray:
-        rgb = colorsys.hsv_to_rgb(rng.random(), 0.05 + 0.25 * rng.random(), 0.25 + 0.37 * rng.random())
+        hue = rng.random()
+        sat = 0.05 + 0.25 * rng.random()
+        rgb = colorsys.hsv_to_rgb(hue, sat, 0.25 + 0.37 * rng.random())
         return np.array(rgb, np.float32) * 255
 
     kind = rng.integers(5)
@@ -377,7 +388,8 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
         bg = c1 * (1 - g) + c2 * g
     else:  # speckle ("sand / grass")
         noise = 20 * rng.standard_normal((h, w, 1), dtype=np.float32)
-        im = Image.fromarray((noise[..., 0] + 128).clip(0, 255).astype(np.uint8)).filter(ImageFilter.BoxBlur(1))
+        im = Image.fromarray((noise[..., 0] + 128).clip(0, 255).astype(np.uint8))
+        im = im.filter(ImageFilter.BoxBlur(1))
         bg = muted()[None, None] + (np.asarray(im, np.float32)[..., None] - 128) * 1.5
     return np.asarray(bg, np.float32)
 
@@ -416,7 +428,8 @@ def render(scene: Scene, rng: np.random.Generator, cfg: SyntheticConfig) -> Rend
     img = _background(rng, w, h)
     for i, o in enumerate(scene.objects):
         c = covs[i]
-        base = np.array(COLORS[o.color], np.float32) + rng.uniform(-10, 10, size=3).astype(np.float32)
+        base = np.array(COLORS[o.color], np.float32)
+        base = base + rng.uniform(-10, 10, size=3).astype(np.float32)
         t = rng.random() * 2 * np.pi
         yy, xx = np.mgrid[c.y0 : c.y1, c.x0 : c.x1].astype(np.float32)
         shade = 1.0 + 0.12 * ((xx - o.cx) * np.cos(t) + (yy - o.cy) * np.sin(t)) / o.r
@@ -751,7 +764,7 @@ def _spec_where(o: Obj, scene: Scene, rng: np.random.Generator, ok: Any,
     """A description of ``o`` (specs tried in a weighted random order) whose number of matches in
     the scene satisfies ``ok``; None if no spec does."""
     u = rng.random(len(specs)).tolist()
-    keys = [math.log(x) / p for x, p in zip(u, probs)]  # weighted random order (Efraimidis-Spirakis)
+    keys = [math.log(x) / p for x, p in zip(u, probs)]  # weighted order (Efraimidis-Spirakis)
     for k in sorted(range(len(specs)), key=keys.__getitem__, reverse=True):
         d = _desc(o, specs[k])
         if ok(len(_match(scene, d))):
@@ -857,7 +870,8 @@ def propose(kind: str, number: str, scene: Scene, rng: np.random.Generator,
 
 
 def find_lf(kind: str, number: str, scene: Scene, rng: np.random.Generator, tries: int = 25,
-            focus: list[int] | None = None, want: frozenset | None = None) -> tuple[LF, frozenset] | None:
+            focus: list[int] | None = None,
+            want: frozenset | None = None) -> tuple[LF, frozenset] | None:
     """A valid LF of a kind whose denotation has the requested number (and equals ``want``)."""
     for _ in range(tries):
         f = None if not focus else int(_pick(rng, focus))
@@ -925,7 +939,8 @@ _COLOR_WORDS = {c: [(c, 1.0)] for c in COLORS} | {"purple": [("purple", 0.75), (
 _SIZE_WORDS = {"big": [("big", 0.55), ("large", 0.45)],
                "small": [("small", 0.6), ("little", 0.25), ("tiny", 0.15)]}
 _MOST = {"left": ["leftmost", "left-most"], "right": ["rightmost", "right-most"],
-         "top": ["topmost", "uppermost", "highest"], "bottom": ["bottom-most", "lowest", "lowermost"]}
+         "top": ["topmost", "uppermost", "highest"],
+         "bottom": ["bottom-most", "lowest", "lowermost"]}
 _SIDE = {"left": ["on the left", "at the left"], "right": ["on the right", "at the right"],
          "top": ["at the top"], "bottom": ["at the bottom"]}
 _FAR = {"left": ["furthest to the left", "farthest left"], "right": ["furthest to the right",
@@ -997,7 +1012,8 @@ def realise(lf: LF, rng: np.random.Generator) -> str:
         return _w(rng, [(f"the {_pick(rng, _MOST[dr])} {x}", 0.25),
                         (f"the {x} {_pick(rng, _SIDE[dr])}", 0.25),
                         (f"the {x} {_pick(rng, _FAR[dr])}", 0.1), (f"the {dr} {x}", 0.2),
-                        (f"{dr} {x}", 0.1), (f"{x} on {dr}" if dr in ("left", "right") else f"{x} at {dr}", 0.1)])
+                        (f"{dr} {x}", 0.1),
+                        (f"{x} on {dr}" if dr in ("left", "right") else f"{x} at {dr}", 0.1)])
     if isinstance(lf, Extreme):
         pl, dr = _np(lf.d, True, rng), lf.dir
         num = _w(rng, _NUM[lf.n])
@@ -1026,7 +1042,8 @@ def realise(lf: LF, rng: np.random.Generator) -> str:
         a = _np(lf.anchor, False, rng, post=True)
         if not lf.plural:
             x = _np(lf.d, False, rng)
-            return _w(rng, [(f"the {x} {rel} the {a}", 0.55), (f"the {x} that is {rel} the {a}", 0.2),
+            return _w(rng, [(f"the {x} {rel} the {a}", 0.55),
+                            (f"the {x} that is {rel} the {a}", 0.2),
                             (f"the {x} which is {rel} the {a}", 0.1), (f"{x} {rel} {a}", 0.15)])
         x = _np(lf.d, True, rng)
         return _w(rng, [(f"the {x} {rel} the {a}", 0.45), (f"the {x} that are {rel} the {a}", 0.2),
@@ -1065,14 +1082,16 @@ def _realise_shared(lf: Shared, rng: np.random.Generator) -> str:
     d1, d2 = lf.parts
     p1, p2 = lf.plurals
     if lf.shared == "shape":  # "the red and blue stars"
-        a1, a2 = _adj(lf.differ, getattr(d1, lf.differ), rng), _adj(lf.differ, getattr(d2, lf.differ), rng)
+        a1 = _adj(lf.differ, getattr(d1, lf.differ), rng)
+        a2 = _adj(lf.differ, getattr(d2, lf.differ), rng)
         sg, pl = _w(rng, _SHAPE_WORDS[d1.shape])
         one1 = pl if p1 else sg
         one2 = "ones" if p2 else "one"
         opts = [(f"the {a1} and {a2} {pl}", 0.35), (f"{a1} and {a2} {pl}", 0.1),
                 (f"the {a1} {one1} and the {a2} {one2}", 0.25)]
         if not p1 and not p2:
-            opts += [(f"the {a1} and the {a2} {sg}", 0.15), (f"both the {a1} and the {a2} {sg}", 0.1)]
+            opts += [(f"the {a1} and the {a2} {sg}", 0.15),
+                     (f"both the {a1} and the {a2} {sg}", 0.1)]
         if lf.differ == "color":
             opts += [(f"the {pl} that are {a1} or {a2}", 0.1)]
         return _w(rng, opts)
@@ -1194,7 +1213,8 @@ def _plan_target(scene: Scene, number: str, n_sent: int, cfg: SyntheticConfig,
     lf, target = found
     plan = [(lf, False)]
     for _ in range(n_sent - 1):
-        alt = find_lf(_kind(number, cfg, rng), number, scene, rng, focus=sorted(target), want=target)
+        alt = find_lf(_kind(number, cfg, rng), number, scene, rng, focus=sorted(target),
+                      want=target)
         plan.append((alt[0], False) if alt else (lf, True))
     return target, plan
 
@@ -1350,7 +1370,8 @@ def fill_borrowed(refs_by_image: list[list[_Ref]], scenes: list[Scene], split_of
             if ref.targets:
                 number = "multi" if len(ref.targets) > 1 else "single"
                 for s in ref.sents:
-                    pools.setdefault((split_of[i], s.phenomenon, number, form_of(s.lf)), []).append((i, s))
+                    key = (split_of[i], s.phenomenon, number, form_of(s.lf))
+                    pools.setdefault(key, []).append((i, s))
                     pools.setdefault((split_of[i], s.phenomenon, number), []).append((i, s))
                     pools.setdefault((split_of[i],), []).append((i, s))
     for i, refs in enumerate(refs_by_image):
@@ -1533,7 +1554,8 @@ def _to_coco(cfg: SyntheticConfig, scenes: list[Scene], rendered: list[Rendered]
     for idx, (sc, rd, refs) in enumerate(zip(scenes, rendered, refs_by_image)):
         image_id = idx + 1
         file_name = f"synthetic_{image_id:012d}.jpg"
-        images.append({"id": image_id, "file_name": file_name, "height": sc.height, "width": sc.width})
+        images.append({"id": image_id, "file_name": file_name, "height": sc.height,
+                       "width": sc.width})
         obj_ann = []
         for k, o in enumerate(sc.objects):
             ann_id += 1
