@@ -96,6 +96,11 @@ class DecoderConfig:
     variant: str = "main"  # "main" = released code; "original" = paper branch (spec §1.8)
     mask_embed_layers: int = 3  # referring_transformer_decoder.py: MLP(D, D, mask_dim, 3)
     nt_embed_layers: int = 2  # referring_transformer_decoder.py: MLP(D, D, 2, 2)
+    # Eq. 1 over the regions: "sum" = the code's Σ_q x_r[q] M_r[q]; "mean" = that sum / P. The
+    # predictions (argmax of the two channels) are identical; only the loss sees P-times smaller
+    # logits. Added for the CPU presets (gres.model.variants / gres.experiments): trained from
+    # scratch at lr 1e-3, the sum's P-fold gain kept the minimap from learning (bench/RESULTS.md).
+    eq1_reduction: str = "sum"
 
 
 @dataclass(frozen=True)

@@ -262,3 +262,21 @@ def test_variant_weights_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(other(images, ids, text_mask).mask_logits,
                                    model(images, ids, text_mask).mask_logits)
+
+
+def test_eq1_mean_divides_the_logits_and_keeps_every_prediction():
+    images, ids, text_mask = inputs()
+    torch.manual_seed(0)
+    summed = build_model(tiny_cfg()).eval()
+    cfg = tiny_cfg()
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, eq1_reduction="mean"))
+    mean = build_model(cfg).eval()
+    mean.load_state_dict(summed.state_dict())
+    with torch.no_grad():
+        a, b = summed(images, ids, text_mask), mean(images, ids, text_mask)
+    torch.testing.assert_close(b.mask_logits, a.mask_logits / 16)  # P = 4 x 4
+    torch.testing.assert_close(b.region_masks, a.region_masks)
+    assert torch.equal(postprocess(a, S)[0], postprocess(b, S)[0])
+    with pytest.raises(ValueError, match="eq1_reduction"):
+        build_model(dataclasses.replace(cfg, decoder=dataclasses.replace(
+            cfg.decoder, eq1_reduction="max")))

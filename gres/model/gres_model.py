@@ -312,6 +312,7 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
         nt_embed_layers=d.nt_embed_layers,
         dropout=d.dropout,
         variant=d.variant,
+        eq1_reduction=d.eq1_reduction,
     )
     model = GRESModel(
         backbone=backbone,

@@ -227,6 +227,7 @@ class ReLADecoder(nn.Module):
         lang_att_layers: layers with the language cross-attention (``main`` only).
         mask_embed_layers: depth of the ``mask_embed`` MLP.
         nt_embed_layers: depth of the ``nt_embed`` MLP.
+        eq1_reduction: ``"sum"`` (official) or ``"mean"`` (Eq. 1 divided by P; same argmax).
         dropout: dropout of every sub-layer.
         variant: ``"main"`` (released code) or ``"original"`` (paper branch).
         num_levels: pyramid levels cycled over.
@@ -247,6 +248,7 @@ class ReLADecoder(nn.Module):
         lang_att_layers: Sequence[int] = (0,),
         mask_embed_layers: int = 3,
         nt_embed_layers: int = 2,
+        eq1_reduction: str = "sum",
         dropout: float = 0.0,
         variant: str = "main",
         num_levels: int = 3,
@@ -263,6 +265,9 @@ class ReLADecoder(nn.Module):
         self.num_levels = num_levels
         self.rla_weight = rla_weight
         self.lang_att_layers = tuple(lang_att_layers)
+        if eq1_reduction not in ("sum", "mean"):
+            raise ValueError(f"eq1_reduction must be 'sum' or 'mean', got {eq1_reduction!r}")
+        self.eq1_scale = 1.0 / num_queries if eq1_reduction == "mean" else 1.0
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2)
 
         def layers(make) -> nn.ModuleList:
@@ -469,6 +474,8 @@ class ReLADecoder(nn.Module):
         # Eq. 1 as the code computes it: Σ_q x[q, a] M_r[q] = (Σ_q x[q, a] e[q]) · F_mask
         tgt_embed = torch.einsum("bqa,bqc->bac", region_logits, embed)  # (B, 2, Cm)
         mask_logits = torch.einsum("bac,bchw->bahw", tgt_embed, mask_features)  # (B, 2, H/4, W/4)
+        if self.eq1_scale != 1.0:
+            mask_logits = mask_logits * self.eq1_scale  # eq1_reduction="mean"
         return {
             "embed": embed,
             "region_logits": region_logits,

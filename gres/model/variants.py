@@ -395,7 +395,7 @@ def _decoder_kwargs(cfg: ModelConfig, lang_dim: int) -> dict[str, Any]:
         ffn_dim=d.ffn_dim, num_layers=d.num_layers, num_queries=d.region_grid**2,
         mask_dim=p.mask_dim, rla_weight=d.rla_weight, lang_att_layers=d.lang_att_layers,
         mask_embed_layers=d.mask_embed_layers, nt_embed_layers=d.nt_embed_layers,
-        dropout=d.dropout, variant=d.variant,
+        dropout=d.dropout, variant=d.variant, eq1_reduction=d.eq1_reduction,
     )
 
 
