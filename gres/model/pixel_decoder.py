@@ -133,6 +133,7 @@ class SamplingGeometry:
             (``x·W − 0.5``, the ``align_corners=False`` convention), or None.
         max_x, max_y: W and H of each level (clamp bounds; -1 is the lower bound).
         row_len: W + 2 of each level (row length of the zero-bordered level in the table).
+        row_step: ``row_len · nh`` as int64: table rows between vertically adjacent taps.
         base: table row of the (x = −1, y = −1) border pixel for (n, level, head), plus one row
             and one column, so that ``base + (y0·row_len + x0)·nh`` is the top-left tap.
         table_rows: rows of the table, including a zero tail that absorbs the taps of points
@@ -146,6 +147,7 @@ class SamplingGeometry:
     max_x: Tensor
     max_y: Tensor
     row_len: Tensor
+    row_step: Tensor
     base: Tensor
     table_rows: int
     level_starts: list[int]
@@ -203,6 +205,7 @@ class SamplingGeometry:
             max_x=per_level(widths),
             max_y=per_level(heights),
             row_len=row_len,
+            row_step=(row_len * nh).long(),
             base=base.expand(shape).contiguous(),
             table_rows=table_rows,
             level_starts=starts,
@@ -235,27 +238,30 @@ def ms_deform_attn_gather_pixels(
     _, Lq, _, nL, nP = px.shape
     g = geometry
     # Zero-bordered, channels-last table; rows ordered (n, padded pixel, head), then a zero tail.
-    tables = [
-        F.pad(v.view(N, h, w, nh, hd), (0, 0, 0, 0, 1, 1, 1, 1)).flatten(1, 2)
-        for (h, w), v in zip(spatial_shapes, value.split([h * w for h, w in spatial_shapes], dim=1))
-    ]
-    table = torch.cat(tables, dim=1).reshape(N * g.pixels_per_image * nh, hd)
-    table = F.pad(table, (0, 0, 0, g.table_rows - table.shape[0]))  # (table_rows, hd)
+    table = value.new_zeros(g.table_rows, hd)
+    images = table[: N * g.pixels_per_image * nh].view(N, g.pixels_per_image, nh, hd)
+    levels = value.split([h * w for h, w in spatial_shapes], dim=1)
+    for (h, w), v, start in zip(spatial_shapes, levels, g.level_starts):
+        padded = images[:, start : start + (h + 2) * (w + 2)].view(N, h + 2, w + 2, nh, hd)
+        padded[:, 1:-1, 1:-1] = v.view(N, h, w, nh, hd)
 
     px = torch.minimum(px.clamp(min=-1.0), g.max_x)  # points further out read only border zeros
     py = torch.minimum(py.clamp(min=-1.0), g.max_y)
     x0, y0 = px.floor(), py.floor()
     fx, fy = px - x0, py - y0  # fractional parts; gradients to the locations flow through these
     top_left = g.base + (y0.to(g.base.dtype) * g.row_len + x0.to(g.base.dtype)) * nh
-    step = g.row_len * nh  # one row down
-    rows = torch.stack([top_left, top_left + nh, top_left + step, top_left + step + nh], dim=-1)
+    top_left = top_left.long()  # exact: the float index math stays below 2**24 (or is float64)
+    step = g.row_step  # one row down
+    # The order of the samples inside a bag is free: taps go before (nL, nP), where stacking
+    # copies contiguous runs (stacking on a last dimension of 4 is several times slower).
+    rows = torch.stack([top_left, top_left + nh, top_left + step, top_left + step + nh], dim=3)
     w_top = attention_weights * (1 - fy)
     w_bottom = attention_weights * fy
     taps = torch.stack(
-        [w_top * (1 - fx), w_top * fx, w_bottom * (1 - fx), w_bottom * fx], dim=-1
-    )  # (N, Lq, nh, nL, nP, 4)
+        [w_top * (1 - fx), w_top * fx, w_bottom * (1 - fx), w_bottom * fx], dim=3
+    )  # (N, Lq, nh, 4, nL, nP)
     out = F.embedding_bag(
-        rows.view(N * Lq * nh, nL * nP * 4).long(),
+        rows.view(N * Lq * nh, nL * nP * 4),
         table,
         per_sample_weights=taps.reshape(N * Lq * nh, nL * nP * 4).to(table.dtype),
         mode="sum",
