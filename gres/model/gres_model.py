@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from gres.config import ModelConfig
 from gres.model.pixel_decoder import MSDeformAttnPixelDecoder
 from gres.model.rela import ReLADecoder
+from gres.model.text import validate_tokens
 
 
 @dataclass
@@ -101,24 +102,10 @@ class GRESModel(nn.Module):
             )
         if input_ids.ndim != 2 or input_ids.shape[0] != B:
             raise ValueError(f"input_ids must be (B={B}, L), got shape {tuple(input_ids.shape)}")
-        if text_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"text_mask shape {tuple(text_mask.shape)} != input_ids shape "
-                f"{tuple(input_ids.shape)}"
-            )
-        if text_mask.dtype != torch.bool:
-            raise ValueError(f"text_mask must be bool (True = real token), got {text_mask.dtype}")
         vocab = getattr(self.text_encoder, "vocab_size", None)
-        if vocab is not None and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= vocab:
-                raise ValueError(
-                    f"token id {lo if lo < 0 else hi} is outside the text encoder's vocabulary "
-                    f"(size {vocab}): the tokenizer does not match the text encoder"
-                )
-        empty = (~text_mask.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"empty expression: text_mask has no real token for samples {empty}")
+        if vocab is None:  # an encoder that does not expose its vocabulary: ids are unchecked
+            vocab = torch.iinfo(torch.int64).max
+        validate_tokens(input_ids, text_mask, vocab)
 
     def normalize(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) uint8 or float RGB 0..255 -> normalised float."""

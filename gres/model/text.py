@@ -98,8 +98,8 @@ def validate_tokens(input_ids: Tensor, text_mask: Tensor, vocab_size: int) -> No
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(
-                f"token id {bad} is outside the vocabulary (size {vocab_size}, max id "
-                f"{vocab_size - 1}): tokenizer and text encoder do not match"
+                f"token id {bad} is outside the text encoder's vocabulary (size {vocab_size}, "
+                f"max id {vocab_size - 1}): tokenizer and text encoder do not match"
             )
     empty = (~text_mask.any(dim=1)).nonzero().flatten().tolist()
     if empty:
