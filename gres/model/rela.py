@@ -352,7 +352,8 @@ class ReLADecoder(nn.Module):
             s = self.input_proj[lvl](x).flatten(2).transpose(1, 2)  # (B, HW, D)
             src.append(s + self.level_embed.weight[lvl])  # level embed in keys AND values
         # Attention masks need region logits only at the level sizes; bilinear resizing is linear,
-        # so resizing mask_features once equals resizing every region mask (official order).
+        # so resizing mask_features once equals resizing every region mask as the official code
+        # does (up to float rounding).
         with torch.no_grad():
             small_features = [
                 F.interpolate(mask_features, size=s, mode="bilinear", align_corners=False)
@@ -367,8 +368,9 @@ class ReLADecoder(nn.Module):
             if return_extras:
                 ex.setdefault(name, []).append(value.detach())
 
-        # Intermediate heads only feed the (detached) attention masks, unless extras are wanted:
-        # then they run without autograd. The last layer's heads are the outputs.
+        # Intermediate heads only feed the (detached) attention masks: unless extras are wanted,
+        # only the region embedding is computed for them, without autograd. The last layer's
+        # heads are the outputs.
         heads = None
         if return_extras or self.num_layers == 0:
             heads = self._heads(output, output, mask_features)
