@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +36,8 @@ import torch.nn.functional as F
 from gres.convert import config_from_official, load_official_checkpoint
 from gres.model import build_model, postprocess
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VECTORS = REPO.parent / "shared/reference/rela_official_tiny/public"
-VECTORS = Path(os.environ.get("GRES_OFFICIAL_VECTORS", str(DEFAULT_VECTORS)))
+from official_vectors import VECTORS  # noqa: E402
+
 REQUIRED = ("official_config.json", "state_dict.safetensors", "inputs.npz", "outputs.npz")
 
 pytestmark = [

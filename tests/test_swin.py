@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,17 +22,7 @@ from gres.model.swin import (
     timm_swin_to_ours,
 )
 
-VECTORS = Path(
-    os.environ.get(
-        "GRES_OFFICIAL_VECTORS",
-        Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "rela_official_tiny"
-        / "public",
-    )
-)
-needs_vectors = pytest.mark.skipif(
-    not (VECTORS / "state_dict.safetensors").is_file(),
-    reason=f"official test vectors not found at {VECTORS} (set GRES_OFFICIAL_VECTORS)",
-)
+from official_vectors import VECTORS, needs_vectors  # noqa: E402
 PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
 PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
 

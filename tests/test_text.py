@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,17 +20,7 @@ from gres.model.text import (
     validate_tokens,
 )
 
-VECTORS = Path(
-    os.environ.get(
-        "GRES_OFFICIAL_VECTORS",
-        Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "rela_official_tiny"
-        / "public",
-    )
-)
-needs_vectors = pytest.mark.skipif(
-    not (VECTORS / "state_dict.safetensors").is_file(),
-    reason=f"official test vectors not found at {VECTORS} (set GRES_OFFICIAL_VECTORS)",
-)
+from official_vectors import VECTORS, needs_vectors  # noqa: E402
 
 
 def small_cfg(**kw) -> TextConfig:
