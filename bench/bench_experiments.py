@@ -158,6 +158,7 @@ def cmd_run(args) -> dict:
     if args.mode == "full":
         paths = ex.export_curves(curves, ROOT / "bench" / "learning_curves")
         print("curves:", [p.name for p in paths])
+        plot_curves(paths, ROOT / "bench" / "learning_curves" / "learning_curves.svg")
     out = {"mode": args.mode, "workers": args.workers, "seeds": list(seeds), "root": str(root),
            "wall_minutes_total": round(total / 60, 2), "wall_minutes_training": round(t_train / 60, 2),
            "load_start": load0, "load_end": _load(), "trainings": trainings, "tables": tables}
@@ -168,6 +169,35 @@ def cmd_run(args) -> dict:
             print(f"  {r['label']:<40} gIoU {r['gIoU']:6.2f}  cIoU {r['cIoU']:6.2f}  "
                   f"N-acc {r['N-acc']:6.2f}  T-acc {r['T-acc']:6.2f}")
     return out
+
+
+def plot_curves(paths: list[Path], out: Path) -> None:
+    """gIoU / N-acc / T-acc on the capped validation split against training samples, one line per
+    training run (the eval points of the engine log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharex=False)
+    for p in sorted(paths):
+        df = pd.read_csv(p)
+        ev = df[df["kind"] == "eval"]
+        if "final" in ev.columns:
+            ev = ev[ev["final"].isna() | (ev["final"] == False)]  # noqa: E712 (capped points only)
+        for ax, metric in zip(axes, ("gIoU", "N-acc", "T-acc")):
+            if metric in ev.columns:
+                ax.plot(ev["samples"], ev[metric], marker=".", label=p.stem)
+    for ax, metric in zip(axes, ("gIoU", "N-acc", "T-acc")):
+        ax.set_title(metric)
+        ax.set_xlabel("training samples")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    print("wrote", out)
 
 
 def main(argv=None) -> int:
