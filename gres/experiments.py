@@ -582,7 +582,9 @@ def table_specs(table: str, base: ExperimentConfig) -> list[Spec]:
         return [
             Spec("Hard split, input", replace(base, model={"ria_mode": "hard_split_input"},
                                               name=f"{name}-hard-input"), "Hard split, input",
-                 note="image cut into P x P patches, each encoded alone; regions = patches"),
+                 note="image cut into G x G patches, each encoded alone (G = "
+                      f"{_hard_grid(base)}: no patch smaller than one attention window); "
+                      "regions pooled as in #2"),
             Spec("Hard split, decoder", replace(base, model={"ria_mode": "hard_split_decoder"},
                                                 name=f"{name}-hard-decoder"),
                  "Hard split, decoder", note="RIA attention replaced by P x P average pooling"),
@@ -633,6 +635,12 @@ def table_specs(table: str, base: ExperimentConfig) -> list[Spec]:
              note="classic RES training, scored on every expression type"),
         Spec("ReLA trained on GRES", base),
     ]
+
+
+def _hard_grid(cfg: ExperimentConfig) -> int:
+    from gres.model.variants import hard_split_grid
+
+    return hard_split_grid(cfg.model)
 
 
 def _min_pixels(cfg: ExperimentConfig) -> int:
@@ -766,7 +774,9 @@ def train_all(
         return dirs
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    queue = list(todo.items())
+    # longest budgets first (better packing of the parallel slots)
+    queue = sorted(todo.items(), key=lambda kv: -(kv[1].train.max_samples
+                                                  or kv[1].train.max_iters * kv[1].train.batch_size))
     running: list[tuple[subprocess.Popen, Path, float, Any]] = []
     failed: list[Path] = []
     while queue or running:

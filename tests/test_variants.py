@@ -280,3 +280,12 @@ def test_eq1_mean_divides_the_logits_and_keeps_every_prediction():
     with pytest.raises(ValueError, match="eq1_reduction"):
         build_model(dataclasses.replace(cfg, decoder=dataclasses.replace(
             cfg.decoder, eq1_reduction="max")))
+
+
+def test_hard_split_grid_is_the_paper_grid_at_paper_scale():
+    from gres.config import PRESETS
+    from gres.model.variants import hard_split_grid
+
+    assert hard_split_grid(PRESETS["rela-swin-b"]().model) == 10  # 480 // (4 * 12) = P = 10
+    assert hard_split_grid(PRESETS["cpu-small"]().model) == 4  # 96 // (4 * 6): 24-px patches
+    assert hard_split_grid(tiny_cfg()) == 4

@@ -12,11 +12,16 @@ of full ReLA and changes one thing, chosen by three :class:`gres.config.ModelCon
   replaces its attention map by the fixed map that averages the pixels of the region's own cell
   (``adaptive_avg_pool2d`` of the pyramid level into R x R). The regions are rigid grid cells.
 * ``"hard_split_input"`` (#1): "rigidly split the image into P x P patches before sending them into
-  the encoder". :class:`HardSplitBackbone` cuts the image into R x R patches and encodes each on
-  its own (no attention, shifted window or patch merging crosses a patch border), then stitches
-  the per-patch feature maps back into a pyramid; the decoder pools the regions as in #2. So #1
-  differs from #2 only by the loss of global context in the visual encoder, which is the point
-  the paper makes about it. The pixel decoder still sees the stitched maps as a whole.
+  the encoder". :class:`HardSplitBackbone` cuts the image into G x G patches and encodes each on
+  its own (no attention, shifted window, patch merging or PWAM statistic crosses a patch border),
+  then stitches the per-patch feature maps back into a pyramid; the decoder pools the R x R
+  regions as in #2. So #1 differs from #2 only by the loss of global context in the visual
+  encoder, which is the point the paper makes about it. The pixel decoder still sees the
+  stitched maps as a whole. ``G = min(R, S // (patch_size * window_size))``
+  (:func:`hard_split_grid`): a patch is never smaller than one first-stage attention window. At
+  the paper's scale (480 px, window 12) that is G = 10 = R, the paper's setting; at 96 px with
+  window 6 it is G = 4 (24-px patches), because 100 patches of 9.6 px each, padded to a window,
+  cost about 50 times the whole image on a CPU (9 s per batch of 16, measured).
 * "w/o minimap" (#3) is not a model change: ``LossConfig.region_weight = 0`` (the queries become
   plain learnable queries, as the paper says).
 
@@ -126,19 +131,26 @@ class PixelRuleModel(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Table 2 #1: hard split at the input
 # --------------------------------------------------------------------------------------------------
-class HardSplitBackbone(nn.Module):
-    """Encode R x R image patches independently with the language-fused Swin (Table 2, #1).
+def hard_split_grid(cfg: ModelConfig) -> int:
+    """Patches per side G of the hard input split: ``min(R, S // (patch_size * window_size))``,
+    at least 1 (see the module docstring)."""
+    side = cfg.swin.patch_size * cfg.swin.window_size
+    return max(1, min(cfg.decoder.region_grid, cfg.image_size // side))
 
-    The image (B, 3, H, W) is resized to ``R·c`` (``c`` = the patch side, the smallest multiple
-    of the Swin patch size >= H / R) and cut into B·R² patches; each patch goes through the
+
+class HardSplitBackbone(nn.Module):
+    """Encode G x G image patches independently with the language-fused Swin (Table 2, #1).
+
+    The image (B, 3, H, W) is resized to ``G·c`` (``c`` = the patch side, the smallest multiple
+    of the Swin patch size >= H / G) and cut into B·G² patches; each patch goes through the
     backbone with its expression (PWAM fusion intact). The per-patch stage maps are stitched into
-    (B, C_i, R·h_i, R·w_i) and area-resampled to the usual strides (H/4, ..., H/32), so the rest
+    (B, C_i, G·h_i, G·w_i) and area-resampled to the usual strides (H/4, ..., H/32), so the rest
     of the model is unchanged. Blending happens only where a resampling cell straddles two
     patches.
 
     Args:
         swin: a :class:`gres.model.swin.MultiModalSwin` (its ``num_features`` etc. are exposed).
-        grid: R, patches per side (= the region grid, so patch q is region q).
+        grid: G, patches per side (:func:`hard_split_grid`; the paper: G = R, patch q = region q).
     """
 
     def __init__(self, swin: nn.Module, grid: int) -> None:
@@ -435,7 +447,7 @@ def build_variant(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Modul
     else:
         backbone = base.backbone
         if cfg.ria_mode == "hard_split_input":
-            backbone = HardSplitBackbone(base.backbone, cfg.decoder.region_grid)
+            backbone = HardSplitBackbone(base.backbone, hard_split_grid(cfg))
         decoder = VariantReLADecoder(
             ria_mode=cfg.ria_mode, rla_mode=cfg.rla_mode, region_grid=cfg.decoder.region_grid,
             **_decoder_kwargs(cfg, base.text_encoder.hidden_size),
@@ -460,6 +472,7 @@ __all__ = [
     "VariantGRESModel",
     "VariantReLADecoder",
     "build_variant",
+    "hard_split_grid",
     "min_pixels_for",
     "pixel_rule",
     "pixel_rule_logits",
