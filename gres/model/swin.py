@@ -316,7 +316,8 @@ class SwinBlock(nn.Module):
         if s:
             out = torch.roll(out, shifts=(s, s), dims=(1, 2))
         if pad_b or pad_r:
-            out = out[:, :H, :W, :]
+            # contiguous: a Linear on the cropped strided view is slow under bf16 autocast on CPU
+            out = out[:, :H, :W, :].contiguous()
         return self.attn.proj(out)
 
 
