@@ -365,6 +365,26 @@ def test_zero_gates_get_no_gradient():
     assert model.layers[0].fusion.project_mm[0].weight.grad.abs().sum() > 0
 
 
+def test_learnable_gate_starts_closed_and_opens():
+    """res_gate_init="learnable": same outputs at init as the official gate, but W2 trains."""
+    torch.manual_seed(0)
+    official = tiny_swin()
+    torch.manual_seed(0)
+    learnable = tiny_swin(res_gate_init="learnable")
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    images, lang = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 32)
+    ref = official(images, lang, mask)
+    out = learnable(images, lang, mask)
+    for key in ref:  # W2 = 0 in both: the gate is closed, the stage features are identical
+        torch.testing.assert_close(out[key], ref[key], rtol=0, atol=0)
+    sum(v.square().mean() for v in out.values()).backward()
+    for layer in learnable.layers[:3]:
+        assert layer.res_gate[0].weight.abs().sum() > 0
+        assert layer.res_gate[2].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="res_gate_init"):
+        tiny_swin(res_gate_init="open")
+
+
 def test_shapes_gradients_and_determinism():
     torch.manual_seed(0)
     model = tiny_swin(drop_path_rate=0.2)

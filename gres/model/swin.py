@@ -27,6 +27,8 @@ Note on the gate (official behaviour, kept): with both gate matrices at zero, th
 each one is a product with the other (``dW2 ~ relu(W1 r) = 0``, ``dW1 ~ W2^T ... = 0``), so
 training from this init never opens the gate: the multimodal tokens reach the next stage only if
 the gate weights start non-zero (e.g. loaded from a checkpoint, as in the test vectors).
+``res_gate_init="learnable"`` (CPU presets trained from scratch) zeroes only W2: the gate still
+starts closed, but W2 receives a gradient and the gate can open.
 
 Pretrained weights: :func:`timm_swin_to_ours` maps a timm (or Microsoft-original) Swin state dict
 onto this module; :func:`load_pretrained_swin` loads one from timm's hub or from a local file.
@@ -397,6 +399,7 @@ class MultiModalStage(nn.Module):
         fusion_heads: int,
         use_fusion: bool,
         downsample: bool,
+        res_gate_init: str = "zeros",
     ) -> None:
         super().__init__()
         self.window_size = window_size
@@ -425,7 +428,14 @@ class MultiModalStage(nn.Module):
                     nn.Linear(dim, dim, bias=False),
                     nn.Tanh(),
                 )
-                nn.init.zeros_(self.res_gate[0].weight)  # swin.py: gate starts closed
+                if res_gate_init == "zeros":
+                    nn.init.zeros_(self.res_gate[0].weight)  # swin.py: gate starts closed
+                elif res_gate_init != "learnable":
+                    raise ValueError(
+                        f"res_gate_init must be 'zeros' or 'learnable', got {res_gate_init!r}"
+                    )
+                # Both modes start closed (W2 = 0); "learnable" keeps W1 at PyTorch's default so
+                # that dW2 = dL/dz2 * relu(W1 r) is non-zero and the gate can open from scratch.
                 nn.init.zeros_(self.res_gate[2].weight)
             else:
                 self.res_gate = None
@@ -477,6 +487,8 @@ class MultiModalSwin(nn.Module):
         use_fusion: False gives a plain Swin (no PWAM, no gates); its stage outputs are
             ``norm_i(x)`` of the Swin path. Used to check the Swin against timm.
         in_chans: image channels.
+        res_gate_init: "zeros" (official: W1 = W2 = 0, the gate never trains from scratch) or
+            "learnable" (W2 = 0 only: the gate starts closed and can open).
     """
 
     def __init__(
@@ -494,6 +506,7 @@ class MultiModalSwin(nn.Module):
         fusion_heads: int,
         use_fusion: bool,
         in_chans: int = 3,
+        res_gate_init: str = "zeros",
     ) -> None:
         super().__init__()
         if len(depths) != len(num_heads):
@@ -524,6 +537,7 @@ class MultiModalSwin(nn.Module):
                     fusion_heads=fusion_heads,
                     use_fusion=use_fusion,
                     downsample=i < self.num_stages - 1,
+                    res_gate_init=res_gate_init,
                 )
             )
         for i, dim in enumerate(self.num_features):
@@ -617,6 +631,7 @@ def build_swin(cfg: Any, lang_dim: int) -> MultiModalSwin:
         lang_dim=lang_dim,
         fusion_heads=cfg.fusion_heads,
         use_fusion=cfg.use_fusion,
+        res_gate_init=cfg.res_gate_init,
     )
 
 
