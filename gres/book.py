@@ -4,6 +4,10 @@
 
 Steps (papermill only executes .ipynb):
 1. the synthetic dataset is generated if missing (``data_prep/make_synthetic.py``);
+1b. when ``book/params/<mode>.yaml`` has a ``_train`` section, every configuration the chapters
+   train (:func:`training_plan`) is trained first by :func:`gres.experiments.train_all`, all in
+   parallel 1-thread processes packed longest-first; the chapters then load them from the cache
+   (a chapter that trains alone leaves a core idle);
 2. every chapter of ``_toc.yml`` is converted from ``book/<name>.md`` (jupytext MyST) to
    ``_build/src/<name>.ipynb`` with the kernel set, then executed by papermill into
    ``_build/executed/book/<name>.ipynb`` with the parameters of ``book/params/<mode>.yaml``;
@@ -65,6 +69,52 @@ def chapter_title(name: str) -> str:
         elif not in_code and re.match(r"#\s", line):
             return line[1:].strip()
     raise ValueError(f"{src} has no '# ' title")
+
+
+def training_plan(spec: dict) -> list:
+    """Every (configuration, seed) the chapters train, from a ``_train`` parameter section.
+
+    Args:
+        spec: ``main`` and ``ablation`` preset names (the chapters' ``preset`` parameters: the
+            ablation chapters 6-8 use ``ablation``, chapters 4, 5, 9-13 ``main``), ``seeds``,
+            optional ``dataset`` and ``data_root`` (as the chapters' parameters of those names).
+
+    Returns:
+        The distinct :class:`gres.config.ExperimentConfig` to train, one per seed, built exactly
+        as the chapters build theirs (same config hash, so the chapters find them in the cache).
+    """
+    from gres import experiments as ex
+
+    unknown = sorted(set(spec) - {"main", "ablation", "seeds", "workers", "cache_root",
+                                  "dataset", "data_root"})
+    if unknown:
+        raise ValueError(f"_train section: unknown keys {unknown}")
+
+    def base(name: str):
+        cfg = ex.preset(name)
+        if spec.get("dataset") is not None and spec["dataset"] != cfg.data.dataset:
+            cfg = ex.replace(cfg, data={"dataset": spec["dataset"]})
+        root = spec.get("data_root")
+        if root is not None and ex.resolve_data_root(root) != ex.resolve_data_root(cfg.data.root):
+            cfg = ex.replace(cfg, data={"root": root})
+        return cfg
+
+    specs = ex.book_specs(base(spec["main"]), base(spec["ablation"]))
+    cfgs = ex.unique_configs([s for rows in specs.values() for s in rows])
+    return [ex.with_seed(c, s) for c in cfgs for s in spec.get("seeds", [0])]
+
+
+def train_experiments(spec: dict) -> float:
+    """Train the :func:`training_plan` of ``spec`` (``workers`` processes, default 2) into the
+    experiment cache (``cache_root``, default ``outputs/experiments``); return the wall seconds."""
+    from gres import experiments as ex
+
+    t0 = time.time()
+    plan = training_plan(spec)
+    print(f"[book] training {len(plan)} configuration(s) with {spec.get('workers', 2)} "
+          "worker(s) (cached ones are skipped)", flush=True)
+    ex.train_all(plan, workers=int(spec.get("workers", 2)), root=spec.get("cache_root"))
+    return time.time() - t0
 
 
 def load_params(mode: str) -> dict[str, dict]:
@@ -181,11 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     ensure_synthetic(args.mode)
     params = load_params(args.mode)
     names = chapters()
-    unknown = sorted(set(params) - {Path(n).name for n in names})
+    unknown = sorted(set(params) - {Path(n).name for n in names} - {"_train"})
     if unknown:  # a chapter's parameters may land before its _toc.yml entry: warn only
         print(f"[book] warning: book/params/{args.mode}.yaml has sections for chapters not in "
               f"_toc.yml: {unknown}", flush=True)
     timings: dict[str, float] = {}
+    if params.get("_train") and not args.only:
+        timings["_train"] = round(train_experiments(params["_train"]), 1)
+        print(f"[book] trainings done in {timings['_train']:.1f} s", flush=True)
     for name in names:
         if args.only and name not in args.only and Path(name).name not in args.only:
             continue
@@ -202,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if timings:
         (BUILD / "executed").mkdir(parents=True, exist_ok=True)
         (BUILD / "executed" / f"timings-{args.mode}.json").write_text(json.dumps(timings, indent=1))
-        print(f"[book] executed {len(timings)} chapter(s) in {sum(timings.values()):.1f} s")
+        print(f"[book] trained and executed in {sum(timings.values()):.1f} s")
     if not args.no_html:
         html = build_html(strict=args.strict)
         print(f"[book] HTML: {html / 'index.html'}")

@@ -44,8 +44,42 @@ def test_toc_and_params_are_consistent():
         assert (book.ROOT / f"{name}.md").exists(), name
         assert book.chapter_title(name)
     for mode in ("smoke", "full"):
-        unknown = set(book.load_params(mode)) - {Path(n).name for n in CHAPTERS}
+        unknown = set(book.load_params(mode)) - {Path(n).name for n in CHAPTERS} - {"_train"}
         assert not unknown, f"book/params/{mode}.yaml: sections without a chapter: {unknown}"
+
+
+def _chapter_preset(name: str) -> str:
+    """The default of a chapter's ``preset`` parameter (or its override in the full params)."""
+    override = (book.load_params("full").get(Path(name).name) or {}).get("preset")
+    if override:
+        return override
+    m = re.search(r'^preset = "([^"]+)"', (book.ROOT / f"{name}.md").read_text(), re.M)
+    return m.group(1) if m else ""
+
+
+def test_full_build_trains_what_the_chapters_train():
+    """The ``_train`` pre-step must build the chapters' exact configs, or the chapters would
+    retrain them one at a time (cache key = config hash)."""
+    from gres import experiments as ex
+    from gres.config import config_hash
+
+    spec = book.load_params("full")["_train"]
+    for name in CHAPTERS:
+        p = _chapter_preset(name)
+        if Path(name).name[:2] in ("06", "07", "08"):
+            assert p == spec["ablation"], name
+        elif Path(name).name[:2] in ("04", "05", "09", "10", "11", "12", "13"):
+            assert p == spec["main"], name
+    plan = book.training_plan(spec)
+    main, abl = ex.preset(spec["main"]), ex.preset(spec["ablation"])
+    expected = {config_hash(ex.with_seed(s.cfg, 0))
+                for t in ex.TABLES for s in ex.table_specs(
+                    t, abl if t in ("table2", "table3", "table4") else main)}
+    assert {config_hash(c) for c in plan} == expected
+    assert len(plan) == len(expected) == 14  # 10 ablation rows (shared ReLA once) + 4 main ones
+    assert config_hash(main) in expected  # chapters 4, 5, 12, 13 load the main model
+    with pytest.raises(ValueError, match="unknown keys"):
+        book.training_plan({**spec, "preset": "cpu-small"})
 
 
 @pytest.mark.parametrize("name", CHAPTERS)
