@@ -28,3 +28,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    """The ``tiny-test`` preset (seconds-fast model with every code path)."""
+    from gres.config import PRESETS
+
+    return PRESETS["tiny-test"]()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_cfg):
+    """A seeded, randomly initialised ``tiny-test`` model in eval mode (one per test module)."""
+    from gres import engine
+
+    engine.seed_everything(0)
+    return engine.prepare_model(tiny_cfg).eval()

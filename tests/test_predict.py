@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from gres import engine
-from gres.config import PRESETS
 from gres.model import postprocess
 from gres.predict import Prediction, Predictor, load_image, save_overlay
 
@@ -16,14 +15,13 @@ EXPRS = ["the red circle on the left", "two squares", "the green star"]
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return PRESETS["tiny-test"]()
+def cfg(tiny_cfg):
+    return tiny_cfg
 
 
 @pytest.fixture(scope="module")
-def model(cfg):
-    engine.seed_everything(0)
-    return engine.prepare_model(cfg).eval()
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

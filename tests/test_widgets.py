@@ -14,7 +14,6 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from gres import engine  # noqa: E402
-from gres.config import PRESETS  # noqa: E402
 from gres.data.synthetic import generate  # noqa: E402
 from gres.predict import Predictor  # noqa: E402
 from gres.widgets import (  # noqa: E402
@@ -33,14 +32,13 @@ def _close_figures():
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return PRESETS["tiny-test"]()
+def cfg(tiny_cfg):
+    return tiny_cfg
 
 
 @pytest.fixture(scope="module")
-def model(cfg):
-    engine.seed_everything(0)
-    return engine.prepare_model(cfg).eval()
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
