@@ -44,7 +44,7 @@ def main() -> None:
     cfg = experiments.preset(args.preset)
     run = experiments.train_or_load(cfg, root=args.root, progress=False)
     model = run.model().eval()
-    dataset = experiments.build_dataset(cfg, args.split)
+    dataset = engine.build_dataset(cfg, args.split)
 
     results = {}
     with torch.no_grad():

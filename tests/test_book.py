@@ -90,6 +90,12 @@ def test_chapter_source_follows_conventions(name):
         "first code cell must be tagged `parameters`"
     assert "start_run(" in text, "every chapter records its parameters and environment"
     assert "sys.path" not in text and "pip install" not in text
+    in_code = False
+    for i, line in enumerate(text.splitlines(), 1):  # prose only: MyST drops "%" lines
+        if line.startswith("```"):
+            in_code = not in_code
+        assert in_code or not line.startswith("%"), \
+            f"line {i} starts with '%': MyST reads it as a comment and drops it from the page"
 
 
 @pytest.mark.parametrize("name", CHAPTERS)
