@@ -22,7 +22,6 @@ split, checksums of the annotation files). Nothing is downloaded. Exit status 0 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from gres.data.grefer import COCO_URL, GREFCOCO_URL, NO_TARGET_ANN, REFER_URL, GRefer  # noqa: E402
+from gres.utils import sha256_file  # noqa: E402
 
 
 @dataclass
@@ -59,14 +59,6 @@ class CheckReport:
         if self.manifest_path:
             lines.append(f"  manifest written to {self.manifest_path}")
         return "\n".join(lines)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_layout(
@@ -164,7 +156,7 @@ def check_layout(
     rep.manifest = {
         "dataset": dataset,
         "split_by": split_by,
-        "files": {str(p.relative_to(root)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        "files": {str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                   for p in files},
         "splits": splits,
         "totals": {k: sum(c[k] for c in splits.values()) for k in next(iter(splits.values()))},

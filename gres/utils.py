@@ -34,6 +34,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # --------------------------------------------------------------------------------------------------
 # Seeds and devices
 # --------------------------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk``-byte pieces (dataset manifests, checks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> int:
     """Seed Python, NumPy and torch (all devices); optionally make cuDNN deterministic.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -56,18 +55,13 @@ def test_output_shapes():
         assert torch.isfinite(t).all()
 
 
-def test_forward_backward_is_fast_and_reaches_every_trainable_parameter():
+def test_backward_reaches_every_trainable_parameter():
     model = _model()
     _perturb(model)
-    batch = _batch()
-    model(*batch)  # warm-up (first-call allocations)
-    start = time.perf_counter()
-    out = model(*batch)
+    out = model(*_batch())
     loss = out.mask_logits.mean() + out.region_logits.square().mean()
     loss = loss + out.nt_logits.square().mean()
     loss.backward()
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"tiny-test forward+backward took {elapsed:.2f} s"
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable
     missing = [n for n, p in trainable if p.grad is None or torch.count_nonzero(p.grad) == 0]

@@ -6,7 +6,6 @@ import dataclasses
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +43,7 @@ SMALL = dataclasses.replace(SyntheticConfig(), name="small", train_images=100, v
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("syn") / "tiny"
-    t = time.perf_counter()
-    generate(root, "tiny", seed=0, progress=False)
-    assert time.perf_counter() - t < 5.0  # the budget for the tiny preset
+    generate(root, "tiny", seed=0, progress=False)  # its time budget is benched, not tested
     return root
 
 
@@ -272,9 +269,7 @@ def test_deterministic_idempotent_and_atomic(tmp_path: Path, tiny: Path, monkeyp
     assert mc["sha256"] != ma["sha256"]
     # idempotent: a matching manifest means no work and no rewrite
     stamp = (a / "grefcoco" / "instances.json").stat().st_mtime_ns
-    t = time.perf_counter()
     assert generate(a, "tiny", seed=0, progress=False) == ma
-    assert time.perf_counter() - t < 1.0
     assert (a / "grefcoco" / "instances.json").stat().st_mtime_ns == stamp
     # a changed file is detected and the set regenerated
     (a / "grefcoco" / "instances.json").write_text("{}")

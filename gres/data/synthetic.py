@@ -41,7 +41,6 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 import copy
-import hashlib
 import json
 import math
 import os
@@ -54,6 +53,8 @@ from typing import Any, Union
 import contourpy
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from gres.utils import sha256_file
 
 GENERATOR_VERSION = "1.2"  # bump when the output for a given (config, seed) changes
 
@@ -1413,14 +1414,6 @@ def _config_dict(cfg: SyntheticConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 JSON_FILES = ("grefcoco/grefs(unc).json", "grefcoco/instances.json")
 
 
@@ -1443,7 +1436,7 @@ def is_up_to_date(out_dir: str | os.PathLike, cfg: SyntheticConfig, seed: int) -
     if m.get("config") != _config_dict(cfg):
         return False
     for rel, digest in m.get("sha256", {}).items():
-        if not (out / rel).is_file() or _sha256(out / rel) != digest:
+        if not (out / rel).is_file() or sha256_file(out / rel) != digest:
             return False
     img_dir = out / "images" / "train2014"
     return img_dir.is_dir() and sum(1 for _ in img_dir.iterdir()) == m["totals"]["images"]
@@ -1529,7 +1522,7 @@ def generate(
             "generator_version": GENERATOR_VERSION,
             "seed": seed,
             "config": _config_dict(cfg),
-            "sha256": {rel: _sha256(tmp / rel) for rel in JSON_FILES},
+            "sha256": {rel: sha256_file(tmp / rel) for rel in JSON_FILES},
             **_counts(grefs, instances),
             "seconds": round(time.time() - t0, 1),
         }
