@@ -433,16 +433,14 @@ def cpu_small() -> ExperimentConfig:
                 eq1_reduction="mean",
             ),
         ),
-        # No-target CE at weight 1 (official 0.1): at 0.1 the masks stayed "all background" for
-        # 12k samples; 3 or 5 stopped the masks from learning. Minimap CE at 0.3 (official 0.1):
-        # at 27k samples 0.3 gave 43.6 gIoU / N-acc 22.7, 1.0 gave 40.8 / 0 (the no-target head
-        # never learned) and 0 gave 45.3 / 24.9 (Table 2's "w/o minimap"); at 12k samples 0.1
-        # kept the minimap at chance under the official class weights (bench/RESULTS.md).
+        # Minimap and no-target CE at weight 1 (official 0.1): at 0.1 the minimap stayed at chance
+        # (CE ln 2) and the masks at "all background" for 12k samples; 3 or 5 on the no-target CE
+        # stopped the masks from learning.
         # Class weights 0.5 / 1.5 (official 0.9 / 1.1): the target pixels are ~3 % of the image and
         # with the official weights the masks stayed "all background" for the first 5-6k samples;
         # 0.5 / 1.5 removed that plateau (+13 gIoU at 13.5k samples); 0.25 / 1.75 tipped the
         # no-target head, which shares the weights, into "always no-target".
-        loss=LossConfig(region_weight=0.3, no_target_weight=1.0, ce_class_weights=(0.5, 1.5)),
+        loss=LossConfig(region_weight=1.0, no_target_weight=1.0, ce_class_weights=(0.5, 1.5)),
         data=DataConfig(dataset="synthetic", root="data/synthetic", image_size=96,
                         cache_images=True),  # decoded 96x96 images reused by later expressions
         train=TrainConfig(
