@@ -77,7 +77,8 @@ def training_plan(spec: dict) -> list:
     Args:
         spec: ``main`` and ``ablation`` preset names (the chapters' ``preset`` parameters: the
             ablation chapters 6-8 use ``ablation``, chapters 4, 5, 9-13 ``main``), ``seeds``,
-            optional ``dataset`` and ``data_root`` (as the chapters' parameters of those names).
+            optional ``dataset``, ``data_root`` and ``device`` (as the chapters' parameters of
+            those names; the chapters' ``device`` default is "auto").
 
     Returns:
         The distinct :class:`gres.config.ExperimentConfig` to train, one per seed, built exactly
@@ -86,18 +87,13 @@ def training_plan(spec: dict) -> list:
     from gres import experiments as ex
 
     unknown = sorted(set(spec) - {"main", "ablation", "seeds", "workers", "cache_root",
-                                  "dataset", "data_root"})
+                                  "dataset", "data_root", "device"})
     if unknown:
         raise ValueError(f"_train section: unknown keys {unknown}")
 
     def base(name: str):
-        cfg = ex.preset(name)
-        if spec.get("dataset") is not None and spec["dataset"] != cfg.data.dataset:
-            cfg = ex.replace(cfg, data={"dataset": spec["dataset"]})
-        root = spec.get("data_root")
-        if root is not None and ex.resolve_data_root(root) != ex.resolve_data_root(cfg.data.root):
-            cfg = ex.replace(cfg, data={"root": root})
-        return cfg
+        return ex.book_config(name, dataset=spec.get("dataset"), data_root=spec.get("data_root"),
+                              device=spec.get("device", "auto"))
 
     specs = ex.book_specs(base(spec["main"]), base(spec["ablation"]))
     cfgs = ex.unique_configs([s for rows in specs.values() for s in rows])
@@ -111,9 +107,10 @@ def train_experiments(spec: dict) -> float:
 
     t0 = time.time()
     plan = training_plan(spec)
-    print(f"[book] training {len(plan)} configuration(s) with {spec.get('workers', 2)} "
-          "worker(s) (cached ones are skipped)", flush=True)
-    ex.train_all(plan, workers=int(spec.get("workers", 2)), root=spec.get("cache_root"))
+    workers = int(spec.get("workers", 2))
+    print(f"[book] training {len(plan)} configuration(s) with {workers} worker(s) (cached ones "
+          "are skipped)", flush=True)
+    ex.train_all(plan, workers=workers, root=spec.get("cache_root"))
     return time.time() - t0
 
 

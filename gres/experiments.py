@@ -107,6 +107,22 @@ def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConf
     return out
 
 
+def book_config(name: str, *, dataset: str | None = None, data_root: str | os.PathLike | None = None,
+                device: str | None = None) -> ExperimentConfig:
+    """The preset ``name`` with a chapter's ``dataset`` / ``data_root`` / ``device`` parameters
+    applied (None = keep the preset's). A ``data_root`` naming the preset's own folder (e.g.
+    ``../data/synthetic`` from ``book/``) leaves the config unchanged, so every chapter and the
+    book's training step share one cache key."""
+    cfg = preset(name)
+    if dataset is not None and dataset != cfg.data.dataset:
+        cfg = replace(cfg, data={"dataset": dataset})
+    if data_root is not None and resolve_data_root(data_root) != resolve_data_root(cfg.data.root):
+        cfg = replace(cfg, data={"root": data_root})
+    if device is not None:
+        cfg = replace(cfg, train={"device": device})
+    return cfg
+
+
 def with_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     """The same experiment with ``train.seed = seed`` (model init, data order, everything)."""
     return replace(cfg, train={"seed": int(seed)})

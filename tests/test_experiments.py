@@ -144,3 +144,15 @@ def test_single_target_training_filter(smoke, runs_root):
     res = ex.run(cfg, seeds=(0,), root=runs_root, progress=False, eval_expr_types=(0,))
     assert res.per_seed[0]["num_samples"] > 0
     assert ex.run_dir(cfg, runs_root) != ex.run_dir(smoke, runs_root)
+
+
+def test_book_config_applies_chapter_parameters_and_keeps_the_cache_key(tmp_path):
+    from gres.config import config_hash
+
+    base = ex.preset("cpu-small")
+    same_folder = str(ex.resolve_data_root(base.data.root))  # the preset's folder, spelled otherwise
+    assert config_hash(ex.book_config("cpu-small", data_root=same_folder, device="auto")) == \
+        config_hash(base)
+    other = ex.book_config("cpu-small", dataset="grefcoco", data_root=str(tmp_path), device="cpu")
+    assert (other.data.dataset, other.data.root, other.train.device) == \
+        ("grefcoco", str(tmp_path), "cpu")
