@@ -32,7 +32,9 @@ import time
 import torch
 
 from gres.config import PRESETS
-from gres.model import build_model, cast_for_bf16_inference, count_parameters, postprocess
+from gres.model import (
+    build_model, cast_for_bf16_inference, compile_for_inference, count_parameters, postprocess,
+)
 
 
 def _model(preset: str, size: int, core: str) -> torch.nn.Module:
@@ -114,9 +116,13 @@ def run(args: argparse.Namespace) -> dict:
     model = _model(args.preset, args.size, args.core)
     images, ids, mask = _inputs(args.batch, args.size)
     agreement = None
-    if args.bf16:
+    if args.bf16 or args.compile:
         with torch.inference_mode():
-            ref = model(images, ids, mask)  # fp32 reference for the agreement numbers
+            ref = model(images, ids, mask)  # eager fp32 reference for the agreement numbers
+    if args.compile:
+        compile_start = time.perf_counter()
+        compile_for_inference(model)
+    if args.bf16:
         if not args.autocast_only:
             cast_for_bf16_inference(model)
         else:
@@ -128,6 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     with torch.inference_mode(), autocast:
         for _ in range(args.warmup):
             model(images, ids, mask)
+        compile_s = time.perf_counter() - compile_start if args.compile else None
         stages, e2e = [], []
         for _ in range(args.repeats):  # a repetition disturbed by another process is redone
             st, _, r = _quiet(lambda: _stages(model, images, ids, mask), args.max_other, args.tries)
@@ -143,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
         with torch.no_grad(), autocast, counter:
             model(images, ids, mask)
         flops = counter.get_total_flops()
-    if args.bf16:
+    if args.bf16 or args.compile:
         mask_bf16, nt_bf16, prob_bf16 = postprocess(out, args.size)
         mask_fp32, nt_fp32, prob_fp32 = postprocess(ref, args.size)
         scale = float(ref.mask_logits.abs().max())
@@ -158,7 +165,9 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "precision": ("bf16-autocast" if args.autocast_only else "bf16-weights+autocast")
         if args.bf16 else "fp32",
-        "bf16_vs_fp32": agreement,
+        "compiled": args.compile,
+        "compile_and_warmup_s": compile_s,
+        "vs_eager_fp32": agreement,
         "deform_core": args.core,
         "threads": args.threads,
         "batch": args.batch,
@@ -191,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="opt-in bf16 path: cast_for_bf16_inference + CPU autocast (whole model)")
     p.add_argument("--autocast-only", action="store_true",
                    help="with --bf16: autocast only, weights stay fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="opt-in torch.compile (inductor, C++ on CPU) of the three image modules")
     p.add_argument("--core", default="gather", choices=("gather", "grid_sample"),
                    help="deformable-attention sampling implementation")
     p.add_argument("--flops", action="store_true", help="also count FLOPs of one forward")
@@ -211,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         + (f" | {result['gflop']:.1f} GFLOP" if result["gflop"] else "")
         + f" | load {result['load_avg_1min']:.2f} | redone {result['rejected_disturbed_runs']}"
     )
-    if result["bf16_vs_fp32"]:
-        print("bf16 vs fp32:", json.dumps(result["bf16_vs_fp32"]))
+    if result["vs_eager_fp32"]:
+        print("vs eager fp32:", json.dumps(result["vs_eager_fp32"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

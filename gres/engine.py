@@ -374,6 +374,12 @@ def prepare_model(cfg: ExperimentConfig, load_pretrained: bool = True) -> nn.Mod
     """
     from gres.model import build_model
 
+    if load_pretrained and cfg.model.swin.pretrained == "dataset-categories":
+        raise ValueError(
+            "swin.pretrained='dataset-categories' must be resolved to the pretrained file first: "
+            "gres.pretrain.resolve_pretrained(cfg, root) (gres.engine.train does it), or pass "
+            "load_pretrained=False when every weight comes from a checkpoint"
+        )
     model = build_model(cfg.model, load_pretrained=load_pretrained)
     freeze_text_encoder(
         model,
@@ -824,6 +830,7 @@ def train(
     stop_after: int | None = None,
     train_dataset: torch.utils.data.Dataset | None = None,
     val_dataset: torch.utils.data.Dataset | None = None,
+    pretrain_root: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train a GRES model with the config's recipe; returns a :class:`TrainResult`.
 
@@ -846,6 +853,8 @@ def train(
         stop_after: stop (after writing a checkpoint) once this many iterations are complete, as
             if interrupted; the schedule still targets the full budget.
         train_dataset / val_dataset: override the datasets built from ``cfg.data``.
+        pretrain_root: cache of backbones pretrained by :mod:`gres.pretrain` (for
+            ``swin.pretrained="dataset-categories"``; default ``<run_dir>/../_pretrained``).
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint is kept.
@@ -895,8 +904,15 @@ def train(
         val_dataset = build_dataset(cfg, cfg.data.val_split, tokenizer=tokenizer)
 
     # ---- model, optimiser ------------------------------------------------------------------------
+    fresh = not (resume and ckpt is not None)
+    model_cfg = cfg
+    if fresh:  # a backbone pretrained on the dataset's categories: cached, or trained now
+        from gres.pretrain import resolve_pretrained
+
+        root = Path(pretrain_root) if pretrain_root is not None else run_dir.parent / "_pretrained"
+        model_cfg = resolve_pretrained(cfg, root, progress=progress and info.is_main)
     seed_everything(tcfg.seed)
-    model = prepare_model(cfg, load_pretrained=not (resume and ckpt is not None)).to(dev)
+    model = prepare_model(model_cfg, load_pretrained=fresh).to(dev)
     if use_amp:
         apply_fp32_modules(model, tcfg.fp32_modules)
     from gres.losses import GRESCriterion

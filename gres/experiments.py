@@ -84,10 +84,10 @@ def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConf
     decoder={"region_grid": 4}, train={"seed": 1}, name="x")``.
 
     Section keys: ``model``, ``swin``, ``text``, ``pixel_decoder``, ``decoder`` (all under
-    ``cfg.model``), ``loss``, ``data``, ``train``; ``name`` replaces the name.
+    ``cfg.model``), ``loss``, ``data``, ``train``, ``pretrain``; ``name`` replaces the name.
     """
     model_parts = ("swin", "text", "pixel_decoder", "decoder")
-    unknown = set(sections) - {"model", "loss", "data", "train", "name", *model_parts}
+    unknown = set(sections) - {"model", "loss", "data", "train", "pretrain", "name", *model_parts}
     if unknown:
         raise ValueError(f"replace: unknown sections {sorted(unknown)}")
     model = cfg.model
@@ -98,7 +98,7 @@ def replace(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConf
     if "model" in sections:
         model = dataclasses.replace(model, **sections["model"])
     out = dataclasses.replace(cfg, model=model)
-    for part in ("loss", "data", "train"):
+    for part in ("loss", "data", "train", "pretrain"):
         if part in sections:
             out = dataclasses.replace(out, **{part: dataclasses.replace(
                 getattr(out, part), **sections[part])})
@@ -192,6 +192,11 @@ def run_dir(cfg: ExperimentConfig, root: str | os.PathLike | None = None) -> Pat
     return Path(root or DEFAULT_ROOT) / f"{cfg.name}-{experiment_key(cfg)}"
 
 
+def pretrain_root(root: str | os.PathLike | None = None) -> Path:
+    """Cache of pretrained backbones (:mod:`gres.pretrain`): ``<root>/_pretrained``."""
+    return Path(root if root is not None else DEFAULT_ROOT) / "_pretrained"
+
+
 def _runnable(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config handed to the engine: data root made absolute (the key uses the original)."""
     return replace(cfg, data={"root": str(resolve_data_root(cfg.data.root))})
@@ -224,7 +229,7 @@ class TrainedRun:
         """The trained model (eval mode) built from the config and its final weights."""
         from gres.engine import load_weights, prepare_model
 
-        model = prepare_model(self.cfg)
+        model = prepare_model(self.cfg, load_pretrained=False)  # every weight is in the file
         load_weights(model, self.weights)
         return model.to(device).eval()
 
@@ -280,7 +285,8 @@ def train_or_load(
         {"config": to_dict(cfg), "key": experiment_key(cfg),
          "dataset_fingerprint": dataset_fingerprint(cfg)}, indent=1))
     t0 = time.time()
-    result = engine.train(run_cfg, d, resume=resume, progress=progress)
+    result = engine.train(run_cfg, d, resume=resume, progress=progress,
+                          pretrain_root=pretrain_root(root))
     seconds = previous.get("seconds", 0.0) + (time.time() - t0)
     if result.final_weights is None:  # interrupted (stop_after) -- keep the partial wall time
         (d / "partial.json").write_text(json.dumps({"seconds": seconds}))
@@ -302,7 +308,8 @@ def train_or_load(
     try:
         from gres.engine import prepare_model
 
-        info["num_parameters"] = int(sum(p.numel() for p in prepare_model(run_cfg).parameters()))
+        model = prepare_model(run_cfg, load_pretrained=False)
+        info["num_parameters"] = int(sum(p.numel() for p in model.parameters()))
     except Exception:  # noqa: BLE001 -- reporting only
         pass
     (d / RESULT_FILE).write_text(json.dumps(info, indent=1))
@@ -788,6 +795,20 @@ def train_all(
             todo[d] = c
     if not todo:
         return dirs
+    # Backbones pretrained on the dataset (gres.pretrain) first, once each, with all the threads:
+    # the parallel trainings then load them from the cache instead of waiting on each other.
+    from gres.pretrain import pretrain_backbone, pretrain_dir, uses_dataset_pretraining
+
+    shared = {pretrain_dir(_runnable(c), pretrain_root(root)): c
+              for c in todo.values() if uses_dataset_pretraining(c)}
+    if shared:
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, workers * threads))
+        try:
+            for c in shared.values():
+                pretrain_backbone(_runnable(c), pretrain_root(root), verbose=verbose)
+        finally:
+            torch.set_num_threads(before)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     # longest budgets first (better packing of the parallel slots)

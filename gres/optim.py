@@ -174,9 +174,28 @@ def param_groups(
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` with the single learning rate ``cfg.lr``."""
+    """AdamW over :func:`param_groups` with the single learning rate ``cfg.lr``.
+
+    With ``cfg.backbone_lr_factor != 1`` (ours), each group is split in two and the Swin
+    parameters that pretrained weights provide (:func:`gres.model.swin.pretrained_parameters`)
+    get ``lr * backbone_lr_factor`` (group names get a ``_backbone`` suffix).
+    """
     pg = param_groups(model, cfg.weight_decay, cfg.weight_decay_norm, cfg.weight_decay_embed)
-    return torch.optim.AdamW(pg.groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    groups = pg.groups
+    if cfg.backbone_lr_factor != 1.0:
+        if cfg.backbone_lr_factor < 0:
+            raise ValueError(f"backbone_lr_factor must be >= 0, got {cfg.backbone_lr_factor}")
+        from gres.model.swin import pretrained_parameters
+
+        slow = {id(p) for p in pretrained_parameters(model)}
+        groups = []
+        for g in pg.groups:
+            for suffix, keep in (("", False), ("_backbone", True)):
+                params = [p for p in g["params"] if (id(p) in slow) == keep]
+                if params:
+                    lr = cfg.lr * (cfg.backbone_lr_factor if keep else 1.0)
+                    groups.append({**g, "params": params, "name": g["name"] + suffix, "lr": lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:

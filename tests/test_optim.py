@@ -190,3 +190,33 @@ def test_clip_full_model_norm():
     grads = a.grad.clone()
     assert float(clip_gradients(opt, 0.0)) == pytest.approx(0.01, rel=1e-4)
     assert torch.equal(a.grad, grads)
+
+
+def test_backbone_lr_factor_slows_only_the_pretrained_swin(tiny_model):
+    """backbone_lr_factor: the Swin parameters that pretrained weights provide get lr x factor;
+    the fusion modules, gates, output norms and every other module keep lr."""
+    import dataclasses
+
+    from gres.config import TrainConfig
+    from gres.model.swin import pretrained_parameters
+    from gres.optim import build_optimizer
+
+    slow = {id(p) for p in pretrained_parameters(tiny_model)}
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    assert any("patch_embed" in names[i] for i in slow)
+    assert not any(".fusion." in names[i] or ".res_gate." in names[i] for i in slow)
+    cfg = TrainConfig(lr=1e-3, backbone_lr_factor=0.1)
+    opt = build_optimizer(tiny_model, cfg)
+    seen = 0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            seen += 1
+            expected = 1e-4 if id(p) in slow else 1e-3
+            assert g["lr"] == pytest.approx(expected), names[id(p)]
+        assert g["name"].endswith("_backbone") == (g["lr"] < 1e-3)
+    trainable = [p for p in tiny_model.parameters() if p.requires_grad]
+    assert seen == len(trainable)
+    official = build_optimizer(tiny_model, dataclasses.replace(cfg, backbone_lr_factor=1.0))
+    assert all(g["lr"] == 1e-3 for g in official.param_groups)
+    with pytest.raises(ValueError, match="backbone_lr_factor"):
+        build_optimizer(tiny_model, dataclasses.replace(cfg, backbone_lr_factor=-1.0))

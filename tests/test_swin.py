@@ -385,6 +385,34 @@ def test_learnable_gate_starts_closed_and_opens():
         tiny_swin(res_gate_init="open")
 
 
+def test_conv_stem_is_a_stride_4_overlapping_embedding():
+    """stem="conv": same token grid as the patch embedding, but each token sees a 7x7 window
+    of pixels that overlaps its neighbours' (a 4x4 patch embedding sees only its own patch)."""
+    torch.manual_seed(0)
+    model = tiny_swin(stem="conv").eval()
+    images = torch.randn(2, 3, 64, 96)
+    tokens = model.patch_embed(images)
+    assert tokens.shape == (2, 16, 24, 16)
+    # receptive field: token j sees pixels 4j-3..4j+3, so pixel 10 moves tokens 2 and 3 per axis
+    changed = images.clone()
+    changed[:, :, 10, 10] += 5.0
+    moved = (model.patch_embed(changed) - tokens).abs().amax(dim=(0, 3)) > 0  # (16, 24)
+    assert moved[2:4, 2:4].all() and moved.sum() == 4
+    patch = tiny_swin().eval()
+    moved = (patch.patch_embed(changed) - patch.patch_embed(images)).abs().amax(dim=(0, 3)) > 0
+    assert moved.sum() == 1 and moved[2, 2]
+    # the whole backbone runs and the stem is trained
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    out = model(images, torch.randn(2, 3, 32), mask)
+    assert out["res2"].shape == (2, 16, 16, 24)
+    sum(v.square().mean() for v in out.values()).backward()
+    assert model.patch_embed.conv1.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="stem='conv' has stride 4"):
+        tiny_swin(stem="conv", patch_size=2)
+    with pytest.raises(ValueError, match="unknown stem 'pixels'"):
+        tiny_swin(stem="pixels")
+
+
 def test_shapes_gradients_and_determinism():
     torch.manual_seed(0)
     model = tiny_swin(drop_path_rate=0.2)

@@ -48,6 +48,7 @@ from gres.model.gres_model import (
     GRESOutput,
     build_model,
     cast_for_bf16_inference,
+    compile_for_inference,
     count_parameters,
     postprocess,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "ReLADecoder",
     "build_model",
     "cast_for_bf16_inference",
+    "compile_for_inference",
     "count_parameters",
     "postprocess",
 ]

@@ -339,6 +339,28 @@ def cast_for_bf16_inference(model: nn.Module) -> nn.Module:
     return model
 
 
+def compile_for_inference(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Opt-in: ``torch.compile`` the backbone, pixel decoder and decoder in place.
+
+    Inductor fuses the elementwise work (norms, GELU, residual adds, window copies) around the
+    matmuls; on CPU it generates C++ and needs a compiler (gcc/clang) at run time, and the first
+    call per input shape compiles (a minute or more for Swin-B). Parameter names and the
+    state dict are unchanged (``nn.Module.compile``). Outputs match eager within float rounding
+    (operations are reordered), not bitwise: the official-equivalence tests run eager.
+
+    Args:
+        model: a :class:`GRESModel` (eval mode).
+        compile_kwargs: passed to ``torch.compile`` (default ``dynamic=False``).
+
+    Returns:
+        ``model`` (modified in place).
+    """
+    compile_kwargs.setdefault("dynamic", False)
+    for name in ("backbone", "pixel_decoder", "decoder"):
+        getattr(model, name).compile(**compile_kwargs)
+    return model
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts per top-level submodule and in total."""
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}

@@ -363,6 +363,33 @@ class PatchEmbed(nn.Module):
         return self.norm(x)
 
 
+class ConvStem(nn.Module):
+    """Overlapping convolutional stem (ours; not in ReLA): two 3x3 stride-2 convolutions.
+
+    A switch for backbones trained *from scratch* (the CPU presets). ReLA's Swin is pretrained on
+    ImageNet-22k, so its 4x4 linear patch embedding already sees shapes; from scratch, a plain
+    patch embedding learns shape cues slowly (colour is a per-pixel cue, shape is not). Two
+    overlapping 3x3 convolutions give the tokens the locality prior of a CNN, as in "Early
+    convolutions help transformers see better" (Xiao et al., 2021). Output layout and stride (4)
+    are those of :class:`PatchEmbed`, so the rest of the backbone is unchanged.
+    """
+
+    def __init__(self, *, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        mid = max(embed_dim // 2, 8)
+        self.conv1 = nn.Conv2d(in_chans, mid, kernel_size=3, stride=2, padding=1)
+        self.norm1 = nn.LayerNorm(mid)  # per position over channels: local, batch-independent
+        self.conv2 = nn.Conv2d(mid, embed_dim, kernel_size=3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), D)."""
+        x = self.norm1(self.conv1(x).permute(0, 2, 3, 1))  # (B, H/2, W/2, D/2)
+        x = F.gelu(x).permute(0, 3, 1, 2)  # (B, D/2, H/2, W/2)
+        x = self.conv2(x).permute(0, 2, 3, 1)  # (B, H/4, W/4, D)
+        return self.norm(x)
+
+
 # --------------------------------------------------------------------------------------------------
 # Stages and the backbone
 # --------------------------------------------------------------------------------------------------
@@ -489,6 +516,8 @@ class MultiModalSwin(nn.Module):
         in_chans: image channels.
         res_gate_init: "zeros" (official: W1 = W2 = 0, the gate never trains from scratch) or
             "learnable" (W2 = 0 only: the gate starts closed and can open).
+        stem: "patch" (official: p x p linear patch embedding) or "conv" (:class:`ConvStem`,
+            stride 4 only; for training from scratch).
     """
 
     def __init__(
@@ -507,6 +536,7 @@ class MultiModalSwin(nn.Module):
         use_fusion: bool,
         in_chans: int = 3,
         res_gate_init: str = "zeros",
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         if len(depths) != len(num_heads):
@@ -519,7 +549,15 @@ class MultiModalSwin(nn.Module):
         self.strides = [patch_size * 2**i for i in range(self.num_stages)]
         self.out_features = [f"res{i + 2}" for i in range(self.num_stages)]
 
-        self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        if stem == "patch":
+            self.patch_embed = PatchEmbed(
+                patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        elif stem == "conv":
+            if patch_size != 4:
+                raise ValueError(f"stem='conv' has stride 4; patch_size is {patch_size}")
+            self.patch_embed = ConvStem(in_chans=in_chans, embed_dim=embed_dim)
+        else:
+            raise ValueError(f"unknown stem {stem!r}: choose 'patch' (official) or 'conv'")
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # swin.py:385
         self.layers = nn.ModuleList()
         for i in range(self.num_stages):
@@ -632,6 +670,7 @@ def build_swin(cfg: Any, lang_dim: int) -> MultiModalSwin:
         fusion_heads=cfg.fusion_heads,
         use_fusion=cfg.use_fusion,
         res_gate_init=cfg.res_gate_init,
+        stem=cfg.stem,
     )
 
 
@@ -671,9 +710,10 @@ def timm_swin_to_ours(
     for wrapper in ("model", "state_dict"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
             state_dict = state_dict[wrapper]
-    if "patch_embed.proj.weight" not in state_dict:
+    if "patch_embed.proj.weight" not in state_dict and "patch_embed.conv1.weight" not in state_dict:
         raise ValueError(
-            "not a Swin state dict: key 'patch_embed.proj.weight' is missing (first keys: "
+            "not a Swin state dict: key 'patch_embed.proj.weight' (or 'patch_embed.conv1.weight' "
+            "of the conv stem) is missing (first keys: "
             f"{list(state_dict)[:5]})"
         )
     timm_layout = not any(k.startswith("layers.0.downsample.") for k in state_dict)
@@ -714,6 +754,16 @@ class SwinLoadReport:
 
 
 _FRESH_KEYS = re.compile(r"(^norm\d+\.|\.fusion\.|\.res_gate\.)")
+
+
+def pretrained_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every :class:`MultiModalSwin` inside ``model`` that pretrained Swin
+    weights provide (all but the fusion modules, gates and output norms)."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, MultiModalSwin):
+            out += [p for name, p in module.named_parameters() if not _FRESH_KEYS.search(name)]
+    return out
 
 
 def load_pretrained_swin(
