@@ -1022,8 +1022,12 @@ def train(
                disable=not (progress and info.is_main), dynamic_ncols=True)
     data_iter = iter(loader)
     net.train()
+    # ReLA decoders whose region attention is forced to the minimap grid early in training
+    grid_decoders = [m for m in model.modules() if hasattr(m, "grid_attention")]
     try:
         while it < total_iters:
+            for decoder in grid_decoders:
+                decoder.grid_attention = it < tcfg.grid_attention_iters
             batch = next(data_iter).to(dev, non_blocking=True)
             with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
                 out = net(batch.image, batch.input_ids, batch.text_mask)

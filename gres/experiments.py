@@ -192,9 +192,43 @@ def run_dir(cfg: ExperimentConfig, root: str | os.PathLike | None = None) -> Pat
     return Path(root or DEFAULT_ROOT) / f"{cfg.name}-{experiment_key(cfg)}"
 
 
+def init_description(cfg: ExperimentConfig) -> str:
+    """How the config's encoders start, as a phrase for the book's prose ("trained {phrase}")."""
+    swin, text = cfg.model.swin.pretrained, cfg.model.text.name_or_path
+    if swin is None and text is None:
+        return "from scratch (no ImageNet or BERT weights)"
+    if swin == "dataset-categories":
+        image = ("from a Swin pretrained on the object categories of the training images (no "
+                 "ImageNet; chapter 5)")
+    elif swin is None:
+        image = "from a randomly initialised Swin"
+    else:
+        image = f"from the Swin weights {swin}"
+    if text is None:
+        return f"{image} and a text encoder trained from scratch (no BERT weights)"
+    return f"{image} and the text encoder {text}"
+
+
 def pretrain_root(root: str | os.PathLike | None = None) -> Path:
     """Cache of pretrained backbones (:mod:`gres.pretrain`): ``<root>/_pretrained``."""
     return Path(root if root is not None else DEFAULT_ROOT) / "_pretrained"
+
+
+def pretrained_backbone(cfg: ExperimentConfig, root: str | os.PathLike | None = None, *,
+                        train: bool = True, progress: bool = False) -> dict[str, Any] | None:
+    """The record (``pretrain.json``: recipe, validation curve, wall time) of the backbone that
+    ``cfg`` starts from when it is pretrained on the dataset (:mod:`gres.pretrain`), pretraining
+    it first if it is not cached and ``train`` is set; ``None`` for configs without dataset
+    pretraining (or when it is missing and ``train`` is False)."""
+    from gres.pretrain import pretrain_backbone, pretrain_dir, uses_dataset_pretraining
+
+    if not uses_dataset_pretraining(cfg):
+        return None
+    runnable = _runnable(cfg)
+    if train:
+        pretrain_backbone(runnable, pretrain_root(root), progress=progress, verbose=False)
+    path = pretrain_dir(runnable, pretrain_root(root)) / "pretrain.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _runnable(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -26,10 +26,10 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg(tiny_data):
-    """cpu-smoke on the tiny set, Swin pretrained on the categories for a few iterations."""
+    """cpu-smoke on the tiny set (Swin pretrained on the categories), 3 pretraining iterations."""
     base = PRESETS["cpu-smoke"]()
+    assert base.model.swin.pretrained == pt.PRETRAIN_SOURCE
     return ex.replace(base, data={"root": str(tiny_data)},
-                      swin={"pretrained": pt.PRETRAIN_SOURCE},
                       pretrain={"iterations": 3, "batch_size": 4, "eval_every": 2,
                                 "eval_images": 4})
 
@@ -89,7 +89,7 @@ def test_pretrain_caches_and_loads_into_the_gres_backbone(cfg, tmp_path):
     assert "patch_embed.proj.weight" in saved and not any(".fusion." in k for k in saved)
     for key, value in saved.items():
         torch.testing.assert_close(own[key], value, rtol=0, atol=0)
-    assert pt.resolve_pretrained(PRESETS["cpu-smoke"](), root) == PRESETS["cpu-smoke"]()
+    assert pt.resolve_pretrained(PRESETS["tiny-test"](), root) == PRESETS["tiny-test"]()
 
 
 def test_unresolved_source_is_refused_with_a_clear_error(cfg):
@@ -110,3 +110,14 @@ def test_train_pretrains_once_next_to_the_runs(cfg, tmp_path):
     stamp = (folders[0] / pt.BACKBONE_FILE).stat().st_mtime_ns
     engine.train(dataclasses.replace(cfg, name="b"), tmp_path / "runs" / "b", progress=False)
     assert (folders[0] / pt.BACKBONE_FILE).stat().st_mtime_ns == stamp
+
+
+def test_experiments_pretrain_once_for_the_book(cfg, tmp_path):
+    root = tmp_path / "experiments"
+    assert ex.pretrained_backbone(PRESETS["tiny-test"](), root=root) is None  # no pretraining
+    assert ex.pretrained_backbone(cfg, root=root, train=False) is None  # not cached yet
+    record = ex.pretrained_backbone(cfg, root=root)
+    assert record["key"] == pt.pretrain_key(ex._runnable(cfg))
+    assert record["curve"][-1]["iter"] == cfg.pretrain.iterations
+    assert (ex.pretrain_root(root) / f"swin-{record['key']}" / pt.BACKBONE_FILE).is_file()
+    assert ex.pretrained_backbone(cfg, root=root, train=False) == record

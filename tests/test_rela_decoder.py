@@ -255,3 +255,48 @@ def test_zero_layers_gives_the_learnable_query_predictions():
     out = dec(*_inputs())
     region = dec.decoder_norm(dec.query_feat.weight).expand(B, -1, -1)
     torch.testing.assert_close(out.region_logits, dec.minimap_embed(region))
+
+
+def test_grid_attention_mask_cells_and_training_only():
+    """Training aid: region q may attend only to pixels overlapping its minimap cell."""
+    from gres.model.rela import grid_attention_mask
+
+    m = grid_attention_mask(2, (2, 2))
+    assert torch.equal(~m, torch.eye(4, dtype=torch.bool))  # one pixel per cell
+    m = grid_attention_mask(10, (12, 12))  # cell 0 = [0, 0.1): pixels 0 ([0, 1/12)) and 1
+    allowed = (~m).view(100, 12, 12)
+    assert allowed[0].nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert allowed[99].nonzero().tolist() == [[10, 10], [10, 11], [11, 10], [11, 11]]
+    coarse = grid_attention_mask(10, (3, 3))  # fewer pixels than cells: never an empty row
+    assert not coarse.all(-1).any()
+    assert (~coarse).view(100, 3, 3)[44].nonzero().tolist() == [[1, 1]]  # cell (4, 4) in [.4, .5)
+    assert (~coarse).view(100, 3, 3)[33].nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+
+
+def test_grid_attention_changes_training_forward_not_eval(tiny_model):
+    dec = tiny_model.decoder
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64) * 255
+    ids = torch.randint(1000, 2000, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    was = tiny_model.training
+    try:
+        tiny_model.eval()
+        with torch.no_grad():
+            ref = tiny_model(images, ids, mask, return_extras=True)
+            dec.grid_attention = True
+            out = tiny_model(images, ids, mask)  # eval: the flag is ignored
+            torch.testing.assert_close(out.mask_logits, ref.mask_logits, rtol=0, atol=0)
+            tiny_model.train()
+            torch.manual_seed(1)  # same dropout draws in both training forwards
+            train_out = tiny_model(images, ids, mask)
+            dec.grid_attention = False
+            torch.manual_seed(1)
+            plain = tiny_model(images, ids, mask)
+            torch.manual_seed(1)
+            again = tiny_model(images, ids, mask)
+        torch.testing.assert_close(again.mask_logits, plain.mask_logits, rtol=0, atol=0)
+        assert not torch.allclose(train_out.mask_logits, plain.mask_logits)
+    finally:
+        dec.grid_attention = False
+        tiny_model.train(was)

@@ -29,6 +29,8 @@ Module names mirror the official keys under ``sem_seg_head.predictor.`` (spec §
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -210,6 +212,30 @@ class DecoderOutput:
 VARIANTS = ("main", "original")
 
 
+def grid_attention_mask(region_grid: int, size: tuple[int, int],
+                        device: torch.device | str = "cpu") -> Tensor:
+    """Region q = cell (q // R, q % R) of an R x R grid may attend to a feature pixel iff the
+    pixel's footprint overlaps the cell (training aid, ``ReLADecoder.grid_attention``).
+
+    Args:
+        region_grid: R.
+        size: (h, w) of the feature level.
+
+    Returns:
+        (R*R, h*w) bool, True = blocked. Every row has at least one allowed pixel.
+    """
+    h, w = size
+
+    def overlap(n: int) -> Tensor:  # (R, n): cell i overlaps pixel y on this axis
+        cell = torch.arange(region_grid, device=device).view(-1, 1).double()
+        pix = torch.arange(n, device=device).view(1, -1).double()
+        return (pix / n < (cell + 1) / region_grid) & ((pix + 1) / n > cell / region_grid)
+
+    oy, ox = overlap(h), overlap(w)  # (R, h), (R, w)
+    allowed = oy[:, None, :, None] & ox[None, :, None, :]  # (R, R, h, w)
+    return ~allowed.reshape(region_grid * region_grid, h * w)
+
+
 class ReLADecoder(nn.Module):
     """The ReLA decoder (spec §1.4; ``variant="original"``: §1.8).
 
@@ -268,6 +294,10 @@ class ReLADecoder(nn.Module):
         if eq1_reduction not in ("sum", "mean"):
             raise ValueError(f"eq1_reduction must be 'sum' or 'mean', got {eq1_reduction!r}")
         self.eq1_scale = 1.0 / num_queries if eq1_reduction == "mean" else 1.0
+        # Training aid (ours), switched by the engine for the first TrainConfig.grid_attention_iters
+        # iterations: region q attends only to the pixels of its minimap cell (grid_attention_mask)
+        # instead of its predicted region mask. Never used at inference.
+        self.grid_attention = False
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2)
 
         def layers(make) -> nn.ModuleList:
@@ -387,6 +417,10 @@ class ReLADecoder(nn.Module):
             record(f"dec_attn_mask{i}", blocked)
             record(f"dec_attn_logits{i}", logits)
             record("dec_attn_full_rows", full_rows.sum().view(1))
+            if self.grid_attention and self.training:
+                grid = grid_attention_mask(math.isqrt(self.query_feat.num_embeddings), sizes[lvl],
+                                           device=blocked.device)  # (P, h*w)
+                blocked = grid.unsqueeze(0).expand(B, -1, -1)
             if forced_attn_masks is not None and forced_attn_masks[i] is not None:
                 blocked = forced_attn_masks[i].to(device=blocked.device, dtype=torch.bool)
             if self.variant == "main":
