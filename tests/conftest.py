@@ -45,3 +45,14 @@ def tiny_model(tiny_cfg):
 
     engine.seed_everything(0)
     return engine.prepare_model(tiny_cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory):
+    """The "tiny" synthetic dataset (seed 0), generated once per session. Read-only: a test that
+    changes files copies it first."""
+    from gres.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("data") / "synthetic-tiny"
+    generate(root, "tiny", seed=0, progress=False)
+    return root

@@ -12,17 +12,14 @@ from safetensors.torch import load_file
 from gres import engine
 from gres.cli import apply_overrides, main
 from gres.config import PRESETS
-from gres.data.synthetic import generate
 
 SMALL = ["--set", "train.batch_size=2", "--set", "train.eval_every=0", "--set",
          "train.checkpoint_every=2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "synthetic-tiny"
-    generate(root, "tiny", seed=0, progress=False)
-    return root
+def data_root(tiny_synthetic):
+    return tiny_synthetic
 
 
 @pytest.fixture(scope="module")

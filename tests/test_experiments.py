@@ -12,12 +12,8 @@ from gres.config import PRESETS
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from gres.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("data") / "synthetic-tiny"
-    generate(root, "tiny", seed=0, progress=False)
-    return root
+def tiny_data(tiny_synthetic):
+    return tiny_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +152,15 @@ def test_book_config_applies_chapter_parameters_and_keeps_the_cache_key(tmp_path
     other = ex.book_config("cpu-small", dataset="grefcoco", data_root=str(tmp_path), device="cpu")
     assert (other.data.dataset, other.data.root, other.train.device) == \
         ("grefcoco", str(tmp_path), "cpu")
+
+
+def test_init_description_follows_the_config():
+    small = PRESETS["cpu-small"]()
+    assert "pretrained on the object categories" in ex.init_description(small)
+    assert "text encoder trained from scratch" in ex.init_description(small)
+    scratch = ex.replace(small, swin={"pretrained": None})
+    assert ex.init_description(scratch) == "from scratch (no ImageNet or BERT weights)"
+    paper = PRESETS["rela-swin-b"]()
+    assert ex.init_description(paper) == (
+        f"from the Swin weights {paper.model.swin.pretrained} and the text encoder "
+        f"{paper.model.text.name_or_path}")

@@ -16,12 +16,8 @@ from gres.config import PRESETS
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from gres.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("data") / "synthetic-tiny"
-    generate(root, "tiny", seed=0, progress=False)
-    return root
+def tiny_data(tiny_synthetic):
+    return tiny_synthetic
 
 
 @pytest.fixture(scope="module")
