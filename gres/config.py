@@ -19,6 +19,10 @@ from typing import Any, Callable
 # --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
+DATASET_PRETRAINED = "dataset-categories"
+"""``SwinConfig.pretrained`` value: a Swin pretrained on the dataset's categories (gres.pretrain)."""
+
+
 @dataclass(frozen=True)
 class SwinConfig:
     """Detection-style Swin with LAVT-style language fusion (PWAM) after every stage (spec §1.1)."""
@@ -454,7 +458,7 @@ def cpu_small() -> ExperimentConfig:
                 res_gate_init="learnable",
                 # Swin path pretrained on the training split's instance categories (the 6 shapes)
                 # by gres.pretrain with ExperimentConfig.pretrain: 40.8 -> 43.4 gIoU, N-acc 0 -> 26
-                pretrained="dataset-categories",
+                pretrained=DATASET_PRETRAINED,
             ),
             text=TextConfig(
                 name_or_path=None,  # small BERT trained from scratch (random init) ...
@@ -527,7 +531,7 @@ def cpu_smoke() -> ExperimentConfig:
         name="cpu-smoke",
         model=dataclasses.replace(
             base.model,
-            swin=dataclasses.replace(base.model.swin, pretrained="dataset-categories"),
+            swin=dataclasses.replace(base.model.swin, pretrained=DATASET_PRETRAINED),
             pixel_decoder=dataclasses.replace(
                 base.model.pixel_decoder, deform_core="grid_sample")),
         pretrain=PretrainConfig(iterations=4, batch_size=4, eval_every=2, eval_images=4),

@@ -374,12 +374,6 @@ def prepare_model(cfg: ExperimentConfig, load_pretrained: bool = True) -> nn.Mod
     """
     from gres.model import build_model
 
-    if load_pretrained and cfg.model.swin.pretrained == "dataset-categories":
-        raise ValueError(
-            "swin.pretrained='dataset-categories' must be resolved to the pretrained file first: "
-            "gres.pretrain.resolve_pretrained(cfg, root) (gres.engine.train does it), or pass "
-            "load_pretrained=False when every weight comes from a checkpoint"
-        )
     model = build_model(cfg.model, load_pretrained=load_pretrained)
     freeze_text_encoder(
         model,

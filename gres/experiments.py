@@ -56,7 +56,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from gres.config import PRESETS, ExperimentConfig, from_dict, to_dict
+from gres.config import DATASET_PRETRAINED, PRESETS, ExperimentConfig, from_dict, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = ROOT / "outputs" / "experiments"
@@ -197,7 +197,7 @@ def init_description(cfg: ExperimentConfig) -> str:
     swin, text = cfg.model.swin.pretrained, cfg.model.text.name_or_path
     if swin is None and text is None:
         return "from scratch (no ImageNet or BERT weights)"
-    if swin == "dataset-categories":
+    if swin == DATASET_PRETRAINED:
         image = ("from a Swin pretrained on the object categories of the training images (no "
                  "ImageNet; chapter 5)")
     elif swin is None:

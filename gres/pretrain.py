@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gres.config import ExperimentConfig, PretrainConfig, to_dict
+from gres.config import DATASET_PRETRAINED, ExperimentConfig, PretrainConfig, to_dict
 
-PRETRAIN_SOURCE = "dataset-categories"
+PRETRAIN_SOURCE = DATASET_PRETRAINED
 """``SwinConfig.pretrained`` value that selects this module's pretraining."""
 IGNORE = 255  # label of crowd annotations (excluded from the loss and the metrics)
 BACKBONE_FILE = "backbone.safetensors"
@@ -224,7 +224,7 @@ def pretrain_key(cfg: ExperimentConfig, length: int = 10) -> str:
 
 
 def pretrain_dir(cfg: ExperimentConfig, root: str | os.PathLike) -> Path:
-    """``<root>/swin-<key>``."""
+    """``<root>/swin-<key>`` (:func:`pretrain_key`)."""
     return Path(root) / f"swin-{pretrain_key(cfg)}"
 
 
@@ -263,15 +263,14 @@ def pretrain_backbone(cfg: ExperimentConfig, root: str | os.PathLike, *,
         FileNotFoundError: the data root or an image is missing.
         ValueError: bad recipe values.
     """
-    from safetensors.torch import save_file
-
-    from gres.engine import atomic_write_text
+    from gres.engine import atomic_write_text, save_weights
     from gres.utils import seed_everything
 
     pcfg = cfg.pretrain
     if pcfg.iterations < 1 or pcfg.batch_size < 1 or pcfg.lr <= 0:
         raise ValueError(f"PretrainConfig needs iterations, batch_size >= 1 and lr > 0: {pcfg}")
     folder = pretrain_dir(cfg, root)
+    key = folder.name.removeprefix("swin-")
     out = folder / BACKBONE_FILE
     with _locked(folder):
         if out.is_file():
@@ -335,12 +334,9 @@ def pretrain_backbone(cfg: ExperimentConfig, root: str | os.PathLike, *,
                 evaluate(it + 1)
                 bar.set_postfix(mIoU=f"{curve[-1]['mIoU']:.3f}")
         evaluate(pcfg.iterations)
-        state = {k: v.contiguous() for k, v in model.backbone.state_dict().items()}
-        tmp = folder / f".tmp-{os.getpid()}-{BACKBONE_FILE}"
-        save_file(state, str(tmp))
-        os.replace(tmp, out)
+        save_weights(model.backbone, out)  # weights only, atomic
         atomic_write_text(folder / "pretrain.json", json.dumps({
-            "key": pretrain_key(cfg), "pretrain": to_dict(pcfg), "swin": to_dict(cfg.model.swin),
+            "key": key, "pretrain": to_dict(pcfg), "swin": to_dict(cfg.model.swin),
             "image_size": cfg.model.image_size, "categories": train_set.cat_names,
             "train_images": len(train_set), "val_images": len(val_set), "curve": curve,
             "seconds": time.time() - t0, "torch_threads": torch.get_num_threads(),

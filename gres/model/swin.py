@@ -786,6 +786,14 @@ def load_pretrained_swin(
             window-7 checkpoint for a window-12 model).
         FileNotFoundError: the name is neither a file nor a timm model that can be fetched.
     """
+    from gres.config import DATASET_PRETRAINED
+
+    if name_or_path == DATASET_PRETRAINED:
+        raise ValueError(
+            f"swin.pretrained={DATASET_PRETRAINED!r} must be resolved to the pretrained file "
+            "first: gres.pretrain.resolve_pretrained(cfg, root) (gres.engine.train does it), or "
+            "build with load_pretrained=False when every weight comes from a checkpoint"
+        )
     path = Path(name_or_path).expanduser()
     if path.is_file():
         raw = _read_state_dict_file(path)
