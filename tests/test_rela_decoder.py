@@ -300,3 +300,73 @@ def test_grid_attention_changes_training_forward_not_eval(tiny_model):
     finally:
         dec.grid_attention = False
         tiny_model.train(was)
+
+
+def test_grid_prior_bias_peaks_in_own_cell():
+    """Soft grid prior: each region's logits are highest on its own cell and fall as -s * d^2."""
+    from gres.model.rela import grid_prior_bias
+
+    b = grid_prior_bias(10, (20, 20), 2.0)  # cells of 2x2 pixels
+    assert b.shape == (100, 400)
+    rows = b.view(100, 20, 20)
+    for q in (0, 37, 99):
+        r, c = divmod(q, 10)
+        peak = (rows[q] > rows[q].max() - 1e-5).nonzero().tolist()
+        assert peak == [[2 * r, 2 * c], [2 * r, 2 * c + 1], [2 * r + 1, 2 * c], [2 * r + 1, 2 * c + 1]]
+    # pixel (0, 0) centre is at 0.025 -> 0.25 cell units from cell 0's centre 0.05 on each axis
+    torch.testing.assert_close(rows[0, 0, 0], torch.tensor(-2.0 * (0.25**2 + 0.25**2)))
+    # pixel (0, 4) centre 0.225; cell 0 centre 0.05: dx = 1.75 cells
+    torch.testing.assert_close(rows[0, 0, 4], torch.tensor(-2.0 * (0.25**2 + 1.75**2)))
+    torch.testing.assert_close(grid_prior_bias(10, (20, 20), 4.0), 2 * b)
+
+
+def test_attention_accepts_additive_bias():
+    from gres.model.rela import MultiheadAttention
+
+    torch.manual_seed(0)
+    mha = MultiheadAttention(8, 2)
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    bias = torch.randn(2, 3, 5)
+    bias[0, 1, :2] = float("-inf")
+    out = mha(q, k, k, bias)
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    qq = F.linear(q, w[:8], b[:8]).view(2, 3, 2, 4).transpose(1, 2)
+    kk = F.linear(k, w[8:16], b[8:16]).view(2, 5, 2, 4).transpose(1, 2)
+    vv = F.linear(k, w[16:], b[16:]).view(2, 5, 2, 4).transpose(1, 2)
+    att = torch.softmax(qq @ kk.transpose(-1, -2) / 2.0 + bias[:, None], dim=-1)
+    ref = mha.out_proj((att @ vv).transpose(1, 2).reshape(2, 3, 8))
+    torch.testing.assert_close(out, ref)
+    # a bool mask is the same as -inf where blocked
+    blocked = torch.zeros(2, 3, 5, dtype=torch.bool)
+    blocked[1, 2, 3:] = True
+    additive = torch.zeros(2, 3, 5).masked_fill(blocked, float("-inf"))
+    torch.testing.assert_close(mha(q, k, k, blocked), mha(q, k, k, additive))
+
+
+def test_region_prior_strong_equals_nearest_pixel_masks():
+    """A very strong prior makes RIA attend only to the pixels nearest each cell centre: the same
+    as forcing those attention masks with the prior off."""
+    from gres.model.rela import ReLADecoder, grid_prior_bias
+
+    torch.manual_seed(0)
+    kw = dict(in_channels=16, lang_dim=12, hidden_dim=16, num_heads=2, ffn_dim=32, num_layers=3,
+              num_queries=9, mask_dim=16)
+    strong = ReLADecoder(region_prior=1e3, **kw).eval()
+    plain = ReLADecoder(**kw).eval()
+    plain.load_state_dict(strong.state_dict())
+    sizes = [(2, 2), (4, 4), (8, 8)]
+    feats = [torch.randn(2, 16, *s) for s in sizes]
+    mask_features, lang = torch.randn(2, 16, 16, 16), torch.randn(2, 5, 12)
+    free = [torch.zeros(2, 9, s[0] * s[1], dtype=torch.bool) for s in (sizes * 2)[:3]]
+    nearest = []
+    for i in range(3):
+        bias = grid_prior_bias(3, sizes[i % 3], 1.0)  # (9, h*w)
+        nearest.append((bias < bias.max(-1, keepdim=True).values - 1e-4).expand(2, -1, -1))
+    with torch.no_grad():
+        a = strong(feats, mask_features, lang, forced_attn_masks=free)
+        b = plain(feats, mask_features, lang, forced_attn_masks=nearest)
+        c = plain(feats, mask_features, lang, forced_attn_masks=free)
+    torch.testing.assert_close(a.mask_logits, b.mask_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(a.mask_logits, c.mask_logits, atol=1e-3)
+    with pytest.raises(ValueError, match="region_prior"):
+        ReLADecoder(region_prior=-1.0, **kw)

@@ -289,3 +289,24 @@ def test_hard_split_grid_is_the_paper_grid_at_paper_scale():
     assert hard_split_grid(PRESETS["rela-swin-b"]().model) == 10  # 480 // (4 * 12) = P = 10
     assert hard_split_grid(PRESETS["cpu-small"]().model) == 4  # 96 // (4 * 6): 24-px patches
     assert hard_split_grid(tiny_cfg()) == 4
+
+
+def test_region_prior_reaches_the_decoder_of_every_attention_variant():
+    """``DecoderConfig.region_prior`` is built into ReLA and into the RIA-attention variants, and
+    changes their outputs; the hard-split decoder pools, so the prior cannot change it."""
+    images, ids, text_mask = inputs()
+    cfg = tiny_cfg()
+    with_prior = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder,
+                                                                      region_prior=2.0))
+    for switches in ({}, {"rla_mode": "product"}, {"ria_mode": "hard_split_decoder"}):
+        torch.manual_seed(0)
+        plain = build_model(dataclasses.replace(cfg, **switches)).eval()
+        prior = build_model(dataclasses.replace(with_prior, **switches)).eval()
+        prior.load_state_dict(plain.state_dict())
+        assert prior.decoder.region_prior == 2.0 and plain.decoder.region_prior == 0.0
+        with torch.no_grad():
+            a, b = plain(images, ids, text_mask), prior(images, ids, text_mask)
+        if switches.get("ria_mode") == "hard_split_decoder":
+            torch.testing.assert_close(b.mask_logits, a.mask_logits, rtol=0, atol=0)
+        else:
+            assert not torch.allclose(b.mask_logits, a.mask_logits, atol=1e-5)

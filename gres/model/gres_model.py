@@ -300,6 +300,7 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
         dropout=d.dropout,
         variant=d.variant,
         eq1_reduction=d.eq1_reduction,
+        region_prior=d.region_prior,
     )
     model = GRESModel(
         backbone=backbone,

@@ -78,7 +78,9 @@ class MultiheadAttention(nn.Module):
             key: (B, K, D).
             value: (B, K, D).
             blocked: (B, Q, K) bool, True = the query may NOT attend to that key (the
-                ``nn.MultiheadAttention`` ``attn_mask`` convention), shared by all heads.
+                ``nn.MultiheadAttention`` ``attn_mask`` convention), shared by all heads; or a
+                float (B, Q, K) added to the attention logits (-inf = blocked; the soft grid
+                prior, :func:`grid_prior_bias`).
 
         Returns:
             (B, Q, D).
@@ -95,9 +97,12 @@ class MultiheadAttention(nn.Module):
         q = q.view(B, Q, nh, hd).transpose(1, 2)  # (B, nh, Q, hd)
         k = k.view(B, -1, nh, hd).transpose(1, 2)  # (B, nh, K, hd)
         v = v.view(B, -1, nh, hd).transpose(1, 2)  # (B, nh, K, hd)
-        allowed = None if blocked is None else ~blocked[:, None]  # (B, 1, Q, K) True = attend
+        if blocked is None or blocked.dtype != torch.bool:  # None, or an additive float bias
+            attn_mask = None if blocked is None else blocked[:, None].to(q.dtype)  # (B, 1, Q, K)
+        else:
+            attn_mask = ~blocked[:, None]  # (B, 1, Q, K) True = attend
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, Q, hd)
         out = out.transpose(1, 2).reshape(B, Q, D)  # (B, Q, D)
         return self.out_proj(out)
@@ -236,6 +241,32 @@ def grid_attention_mask(region_grid: int, size: tuple[int, int],
     return ~allowed.reshape(region_grid * region_grid, h * w)
 
 
+def grid_prior_bias(region_grid: int, size: tuple[int, int], strength: float,
+                    device: torch.device | str = "cpu") -> Tensor:
+    """Additive attention logits of the soft grid prior (``DecoderConfig.region_prior``, ours).
+
+    Region q = cell (q // R, q % R) of an R x R grid over the image; a feature pixel at distance
+    d from the cell centre (both in cell units, pixel and cell centres on the same [0, 1] square)
+    gets ``-strength * d**2``: 0 at the cell's centre, about ``-strength`` one cell away.
+
+    Args:
+        region_grid: R.
+        size: (h, w) of the feature level.
+        strength: the prior's weight (> 0).
+
+    Returns:
+        (R*R, h*w) float32.
+    """
+    h, w = size
+    cell = (torch.arange(region_grid, device=device, dtype=torch.float32) + 0.5) / region_grid
+    py = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    px = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    dy = ((cell[:, None] - py[None, :]) * region_grid) ** 2  # (R, h)
+    dx = ((cell[:, None] - px[None, :]) * region_grid) ** 2  # (R, w)
+    d2 = dy[:, None, :, None] + dx[None, :, None, :]  # (R, R, h, w): row cell, col cell, y, x
+    return (-strength * d2).reshape(region_grid * region_grid, h * w)
+
+
 class ReLADecoder(nn.Module):
     """The ReLA decoder (spec §1.4; ``variant="original"``: §1.8).
 
@@ -254,6 +285,8 @@ class ReLADecoder(nn.Module):
         mask_embed_layers: depth of the ``mask_embed`` MLP.
         nt_embed_layers: depth of the ``nt_embed`` MLP.
         eq1_reduction: ``"sum"`` (official) or ``"mean"`` (Eq. 1 divided by P; same argmax).
+        region_prior: strength of the soft grid prior on RIA (0 = off, official;
+            :func:`grid_prior_bias`).
         dropout: dropout of every sub-layer.
         variant: ``"main"`` (released code) or ``"original"`` (paper branch).
         num_levels: pyramid levels cycled over.
@@ -275,6 +308,7 @@ class ReLADecoder(nn.Module):
         mask_embed_layers: int = 3,
         nt_embed_layers: int = 2,
         eq1_reduction: str = "sum",
+        region_prior: float = 0.0,
         dropout: float = 0.0,
         variant: str = "main",
         num_levels: int = 3,
@@ -294,6 +328,9 @@ class ReLADecoder(nn.Module):
         if eq1_reduction not in ("sum", "mean"):
             raise ValueError(f"eq1_reduction must be 'sum' or 'mean', got {eq1_reduction!r}")
         self.eq1_scale = 1.0 / num_queries if eq1_reduction == "mean" else 1.0
+        if region_prior < 0:
+            raise ValueError(f"region_prior must be >= 0, got {region_prior}")
+        self.region_prior = float(region_prior)
         # Training aid (ours), switched by the engine for the first TrainConfig.grid_attention_iters
         # iterations: region q attends only to the pixels of its minimap cell (grid_attention_mask)
         # instead of its predicted region mask. Never used at inference.
@@ -423,6 +460,11 @@ class ReLADecoder(nn.Module):
                 blocked = grid.unsqueeze(0).expand(B, -1, -1)
             if forced_attn_masks is not None and forced_attn_masks[i] is not None:
                 blocked = forced_attn_masks[i].to(device=blocked.device, dtype=torch.bool)
+            if self.region_prior > 0:  # soft grid prior: additive logits, -inf where blocked
+                prior = grid_prior_bias(math.isqrt(self.query_feat.num_embeddings), sizes[lvl],
+                                        self.region_prior, device=blocked.device)  # (P, h*w)
+                blocked = prior.to(output.dtype).expand(B, -1, -1).masked_fill(
+                    blocked, float("-inf"))  # (B, P, h*w)
             if self.variant == "main":
                 output, rla_out = self._layer_main(i, output, src[lvl], pos[lvl], query_pos,
                                                    lang_feats, blocked, record)

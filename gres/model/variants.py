@@ -408,6 +408,7 @@ def _decoder_kwargs(cfg: ModelConfig, lang_dim: int) -> dict[str, Any]:
         mask_dim=p.mask_dim, rla_weight=d.rla_weight, lang_att_layers=d.lang_att_layers,
         mask_embed_layers=d.mask_embed_layers, nt_embed_layers=d.nt_embed_layers,
         dropout=d.dropout, variant=d.variant, eq1_reduction=d.eq1_reduction,
+        region_prior=d.region_prior,
     )
 
 
