@@ -69,9 +69,9 @@ class GRESCriterion(nn.Module):
             no_target: (B,) bool.
 
         Returns:
-            ``loss_mask``, ``loss_region``, ``loss_nt`` (unweighted CEs) and ``loss`` =
-            ``total_scale · (mask_weight·loss_mask + region_weight·loss_region +
-            no_target_weight·loss_nt)``.
+            ``loss_mask``, ``loss_region``, ``loss_nt`` (unweighted CEs), ``loss_dice`` when
+            ``dice_weight`` is set, and ``loss`` = ``total_scale · (mask_weight·loss_mask +
+            region_weight·loss_region + no_target_weight·loss_nt [+ dice_weight·loss_dice])``.
         """
         B, P, _ = output.region_logits.shape
         if gt_mask.ndim != 3 or gt_mask.shape[0] != B:
@@ -94,12 +94,30 @@ class GRESCriterion(nn.Module):
         loss_region = F.cross_entropy(output.region_logits.float().transpose(1, 2), cells, weight=w)
         loss_nt = F.cross_entropy(output.nt_logits.float(), no_target.long(), weight=w)
         c = self.cfg
-        total = c.total_scale * (
+        weighted = (
             c.mask_weight * loss_mask + c.region_weight * loss_region + c.no_target_weight * loss_nt
         )
-        return {
-            "loss_mask": loss_mask,
-            "loss_region": loss_region,
-            "loss_nt": loss_nt,
-            "loss": total,
-        }
+        terms = {"loss_mask": loss_mask, "loss_region": loss_region, "loss_nt": loss_nt}
+        if c.dice_weight:
+            terms["loss_dice"] = dice_loss(logits, gt_mask)
+            weighted = weighted + c.dice_weight * terms["loss_dice"]
+        return {**terms, "loss": c.total_scale * weighted}
+
+
+def dice_loss(logits: Tensor, gt_mask: Tensor) -> Tensor:
+    """Soft Dice loss of the target class, one term per sample, averaged (ours; not in ReLA).
+
+    ``1 - (2 Σ p g + 1) / (Σ p + Σ g + 1)`` with ``p`` the two-class softmax probability of
+    "target" (the probability the official argmax thresholds at 0.5) and ``g`` the ground truth;
+    the +1 keeps it defined for the empty masks of no-target samples, which it pushes to zero.
+    Unlike a pixel-wise CE, it scores each mask as a whole, so small objects count as much as
+    large ones and a blob twice the object's size costs a third of the Dice.
+
+    Args:
+        logits: (B, 2, S, S) mask logits at the ground-truth size.
+        gt_mask: (B, S, S) bool ground truth.
+    """
+    p = logits.float().softmax(1)[:, 1].flatten(1)  # (B, S*S)
+    g = gt_mask.flatten(1).float()  # (B, S*S)
+    dice = (2 * (p * g).sum(-1) + 1) / (p.sum(-1) + g.sum(-1) + 1)  # (B,)
+    return 1 - dice.mean()

@@ -211,9 +211,10 @@ def pretrain_key(cfg: ExperimentConfig, length: int = 10) -> str:
     """Hash of everything the pretrained backbone depends on."""
     from gres.experiments import dataset_fingerprint
 
-    swin = dataclasses.replace(cfg.model.swin, pretrained=None)
+    swin = to_dict(dataclasses.replace(cfg.model.swin, pretrained=None))
+    swin.pop("spatial_features")  # PWAM only: pretraining runs the Swin path without fusion
     blob = json.dumps({
-        "swin": to_dict(swin), "lang_dim": cfg.model.text.hidden_size,
+        "swin": swin, "lang_dim": cfg.model.text.hidden_size,
         "image_size": cfg.model.image_size, "pixel_mean": list(cfg.model.pixel_mean),
         "pixel_std": list(cfg.model.pixel_std), "pretrain": to_dict(cfg.pretrain),
         "dataset": [cfg.data.dataset, cfg.data.split_by, cfg.data.train_split,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gres.config import LossConfig
-from gres.losses import GRESCriterion, minimap_target
+from gres.losses import GRESCriterion, dice_loss, minimap_target
 
 
 def _output(mask_logits, region_logits, nt_logits):
@@ -55,6 +55,28 @@ def test_weights_are_config_fields():
     torch.testing.assert_close(other["loss"], expect)
     flat = GRESCriterion(dataclasses.replace(cfg, ce_class_weights=(1.0, 1.0)))(out, gt, nt)
     assert not torch.allclose(flat["loss_mask"], base["loss_mask"])
+
+
+def test_dice_loss_hand_checked_and_added_only_when_weighted():
+    """Constant logits: p = sigmoid(1) everywhere on a 2x2 image with 3 target pixels, and an
+    empty no-target sample; the Dice term is absent at the official weight 0."""
+    p = 1 / (1 + math.exp(-1.0))
+    logits = torch.tensor([[0.0], [1.0]]).view(1, 2, 1, 1).expand(2, 2, 2, 2)
+    gt = torch.tensor([[[True, False], [True, True]], [[False, False], [False, False]]])
+    expect = 1 - ((2 * 3 * p + 1) / (4 * p + 3 + 1) + 1 / (4 * p + 1)) / 2
+    assert dice_loss(logits, gt).item() == pytest.approx(expect, rel=1e-6)
+    # a perfect, saturated mask scores ~0 and an inverted one ~1
+    sharp = torch.stack([~gt, gt], 1).float() * 40 - 20  # (B, 2, 2, 2)
+    assert dice_loss(sharp, gt).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice_loss(-sharp[:1], gt[:1]).item() == pytest.approx(1 - 1 / 5, abs=1e-6)  # p on 1 bg px
+
+    out = _output(logits[:, :, :1, :1], torch.randn(2, 4, 2), torch.randn(2, 2))
+    nt = torch.tensor([False, True])
+    base = GRESCriterion(LossConfig())(out, gt, nt)
+    assert "loss_dice" not in base
+    with_dice = GRESCriterion(LossConfig(dice_weight=2.0))(out, gt, nt)
+    assert with_dice["loss_dice"].item() == pytest.approx(expect, rel=1e-6)
+    torch.testing.assert_close(with_dice["loss"], base["loss"] + 5.0 * 2.0 * with_dice["loss_dice"])
 
 
 def test_minimap_target_is_centre_sampling():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gres.config import SwinConfig
-from gres.model.fusion import PWAM
+from gres.model.fusion import PWAM, spatial_features
 from gres.model.swin import (
     MultiModalSwin,
     PatchMerging,
@@ -383,6 +383,49 @@ def test_learnable_gate_starts_closed_and_opens():
         assert layer.res_gate[2].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="res_gate_init"):
         tiny_swin(res_gate_init="open")
+
+
+def test_spatial_features_grid():
+    """8-D cell coordinates: x edges/centre, y edges/centre in [-1, 1], then 1/w and 1/h."""
+    f = spatial_features(2, 4)  # (8, 8), row-major cells
+    assert f.shape == (8, 8)
+    torch.testing.assert_close(f[0], torch.tensor([-1, -0.75, -0.5, -1, -0.5, 0, 0.25, 0.5]))
+    torch.testing.assert_close(f[7], torch.tensor([0.5, 0.75, 1, 0, 0.5, 1, 0.25, 0.5]))
+    # row-major: the cell right of cell 0 moves in x only, the cell below moves in y only
+    torch.testing.assert_close(f[1, 3:], f[0, 3:])
+    torch.testing.assert_close(f[4, :3], f[0, :3])
+
+
+def test_spatial_features_start_as_official_and_learn_position():
+    """spatial_features=True: identical outputs at init (zero projection), the projection gets
+    a gradient, and once it is non-zero two tokens with the same content but different cells
+    get different fused features (the official PWAM cannot tell them apart)."""
+    torch.manual_seed(0)
+    official = tiny_swin()
+    spatial = tiny_swin(spatial_features=True)
+    missing, unexpected = spatial.load_state_dict(official.state_dict(), strict=False)
+    assert not unexpected and missing and all("spatial_proj" in k for k in missing)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    images, lang = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 32)
+    ref = official(images, lang, mask)
+    out = spatial(images, lang, mask)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], rtol=0, atol=0)
+    sum(v.square().mean() for v in out.values()).backward()
+    for layer in spatial.layers:
+        assert layer.fusion.spatial_proj.weight.grad.abs().sum() > 0
+
+    pwam = PWAM(dim=8, lang_dim=4, spatial=True)
+    words, word_mask = torch.randn(1, 2, 4), torch.ones(1, 2)
+    same = torch.randn(1, 1, 8).expand(1, 6, 8)  # six identical tokens on a 2x3 grid
+    assert torch.allclose(*pwam(same, words, word_mask, (2, 3))[0, [0, 5]], atol=1e-6)
+    torch.nn.init.normal_(pwam.spatial_proj.weight)
+    fused = pwam(same, words, word_mask, (2, 3))[0]
+    assert not torch.allclose(fused[0], fused[5], atol=1e-3)
+    with pytest.raises(ValueError, match="hw"):
+        pwam(same, words, word_mask)
+    with pytest.raises(ValueError, match="hw"):
+        pwam(same, words, word_mask, (3, 3))
 
 
 def test_conv_stem_is_a_stride_4_overlapping_embedding():

@@ -19,6 +19,28 @@ from torch import Tensor, nn
 
 # swin.py (SpatialImageLanguageAttention): padding words get this additive logit offset.
 MASK_LOGIT_OFFSET = 1e4
+# Width of the per-cell spatial feature of :func:`spatial_features` (ours, off by default).
+SPATIAL_FEATURES = 8
+
+
+def spatial_features(h: int, w: int, *, device=None, dtype=None) -> Tensor:
+    """The 8-D spatial feature of every cell of an h x w grid, flattened row-major: (h*w, 8).
+
+    For cell (i, j): its left, centre and right x, its top, centre and bottom y (all in [-1, 1]),
+    then 1/w and 1/h. This is the classic coordinate feature of referring segmentation (Hu et
+    al., ECCV 2016, and the models that followed); LAVT and ReLA do not use it. It is what
+    ``SwinConfig.spatial_features`` adds to every PWAM (ours): Swin tokens carry no absolute
+    position, so without it a word such as "left" cannot select pixels by where they are.
+    """
+    ys = torch.arange(h, device=device, dtype=torch.float32)
+    xs = torch.arange(w, device=device, dtype=torch.float32)
+    y0, y1 = 2 * ys / h - 1, 2 * (ys + 1) / h - 1  # (h,) top and bottom edges
+    x0, x1 = 2 * xs / w - 1, 2 * (xs + 1) / w - 1  # (w,)
+    yy = torch.stack([y0, (y0 + y1) / 2, y1], dim=-1)[:, None, :].expand(h, w, 3)
+    xx = torch.stack([x0, (x0 + x1) / 2, x1], dim=-1)[None, :, :].expand(h, w, 3)
+    inv = torch.tensor([1.0 / w, 1.0 / h], device=device).expand(h, w, 2)
+    feats = torch.cat([xx, yy, inv], dim=-1).reshape(h * w, SPATIAL_FEATURES)
+    return feats if dtype is None else feats.to(dtype)
 
 
 
@@ -128,10 +150,20 @@ class PWAM(nn.Module):
         lang_dim: width Dt of the word features (768 for BERT-base).
         num_heads: attention heads of the image-language attention (ReLA: 1 per stage).
         dropout: dropout after both GELUs (ReLA: 0.0).
+        spatial: add a learned projection of the 8-D cell coordinates (:func:`spatial_features`)
+            to the visual tokens before fusing (ours; ReLA: False). The projection starts at
+            zero, so the module starts as the official one.
     """
 
-    def __init__(self, *, dim: int, lang_dim: int, num_heads: int = 1, dropout: float = 0.0):
+    def __init__(
+        self, *, dim: int, lang_dim: int, num_heads: int = 1, dropout: float = 0.0,
+        spatial: bool = False,
+    ):
         super().__init__()
+        self.spatial_proj: nn.Linear | None = None
+        if spatial:
+            self.spatial_proj = nn.Linear(SPATIAL_FEATURES, dim, bias=False)
+            nn.init.zeros_(self.spatial_proj.weight)
         self.vis_project = nn.Sequential(nn.Conv1d(dim, dim, 1), nn.GELU(), nn.Dropout(dropout))
         self.image_lang_att = SpatialImageLanguageAttention(
             v_in_channels=dim,
@@ -143,17 +175,26 @@ class PWAM(nn.Module):
         )
         self.project_mm = nn.Sequential(nn.Conv1d(dim, dim, 1), nn.GELU(), nn.Dropout(dropout))
 
-    def forward(self, x: Tensor, lang: Tensor, word_mask: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, lang: Tensor, word_mask: Tensor, hw: tuple[int, int] | None = None
+    ) -> Tensor:
         """Fuse the expression into every visual token.
 
         Args:
             x: (B, HW, C) Swin tokens after the stage's blocks.
             lang: (B, L, Dt) word features.
             word_mask: (B, L) float, 1 for real words.
+            hw: the token grid (H, W); required when the module adds spatial features.
 
         Returns:
             (B, HW, C) multimodal tokens (``x_residual`` in the official code).
         """
+        if self.spatial_proj is not None:
+            if hw is None or hw[0] * hw[1] != x.shape[1]:
+                raise ValueError(f"PWAM with spatial features needs hw=(H, W) with H*W = "
+                                 f"{x.shape[1]} tokens, got {hw}")
+            coords = spatial_features(*hw, device=x.device, dtype=x.dtype)  # (HW, 8)
+            x = x + self.spatial_proj(coords)  # (B, HW, C)
         conv, act, drop = self.vis_project
         vis = drop(act(_pointwise(conv, x)))  # (B, HW, C)
         lang_att = self.image_lang_att(x, lang, word_mask)  # (B, HW, C)

@@ -427,6 +427,7 @@ class MultiModalStage(nn.Module):
         use_fusion: bool,
         downsample: bool,
         res_gate_init: str = "zeros",
+        spatial_features: bool = False,
     ) -> None:
         super().__init__()
         self.window_size = window_size
@@ -444,7 +445,8 @@ class MultiModalStage(nn.Module):
             for i in range(depth)
         )
         self.fusion = (
-            PWAM(dim=dim, lang_dim=lang_dim, num_heads=fusion_heads) if use_fusion else None
+            PWAM(dim=dim, lang_dim=lang_dim, num_heads=fusion_heads, spatial=spatial_features)
+            if use_fusion else None
         )
         if downsample:
             self.downsample: PatchMerging | None = PatchMerging(dim=dim)
@@ -488,7 +490,7 @@ class MultiModalStage(nn.Module):
             x = blk(x, shift_mask)
         swin_tokens = x
         if self.fusion is not None:
-            out = self.fusion(x.reshape(B, H * W, C), lang, word_mask).view(B, H, W, C)
+            out = self.fusion(x.reshape(B, H * W, C), lang, word_mask, (H, W)).view(B, H, W, C)
             if self.res_gate is not None:
                 x = x + self.res_gate(out) * out
         else:
@@ -518,6 +520,8 @@ class MultiModalSwin(nn.Module):
             "learnable" (W2 = 0 only: the gate starts closed and can open).
         stem: "patch" (official: p x p linear patch embedding) or "conv" (:class:`ConvStem`,
             stride 4 only; for training from scratch).
+        spatial_features: every PWAM adds projected cell coordinates to its visual input
+            (:func:`gres.model.fusion.spatial_features`; ours, official False).
     """
 
     def __init__(
@@ -537,6 +541,7 @@ class MultiModalSwin(nn.Module):
         in_chans: int = 3,
         res_gate_init: str = "zeros",
         stem: str = "patch",
+        spatial_features: bool = False,
     ) -> None:
         super().__init__()
         if len(depths) != len(num_heads):
@@ -576,6 +581,7 @@ class MultiModalSwin(nn.Module):
                     use_fusion=use_fusion,
                     downsample=i < self.num_stages - 1,
                     res_gate_init=res_gate_init,
+                    spatial_features=spatial_features,
                 )
             )
         for i, dim in enumerate(self.num_features):
@@ -671,6 +677,7 @@ def build_swin(cfg: Any, lang_dim: int) -> MultiModalSwin:
         use_fusion=cfg.use_fusion,
         res_gate_init=cfg.res_gate_init,
         stem=cfg.stem,
+        spatial_features=cfg.spatial_features,
     )
 
 
