@@ -123,6 +123,10 @@ class DecoderConfig:
     # cell units, so each region starts looking at its own cell and can look elsewhere when its
     # content says so (a hard-decoder-like start without a switch; gres.model.rela.grid_prior_bias).
     region_prior: float = 0.0
+    # Deep supervision (ours; False = official, which supervises only the last layer): in
+    # training, every layer but the last also predicts mask, minimap and no-target with the shared
+    # heads, and gres.losses.GRESCriterion adds the same losses on them (as Mask2Former does).
+    deep_supervision: bool = False
 
 
 @dataclass(frozen=True)

@@ -770,7 +770,8 @@ def learning_curve(run: TrainedRun | str | os.PathLike) -> Any:
     """The engine log of a run as a DataFrame: one row per record, ``kind`` = train / eval.
 
     Train rows carry ``loss``, ``loss_mask``, ``loss_region``, ``loss_nt`` (``loss_dice`` when
-    the Dice term is on), ``lr``, ``grad_norm`` and ``samples_per_s``; eval rows the seven metrics on the (possibly capped) validation split.
+    the Dice term is on, ``loss_aux`` with deep supervision), ``lr``, ``grad_norm`` and
+    ``samples_per_s``; eval rows the seven metrics on the (possibly capped) validation split.
     """
     import pandas as pd
 
@@ -790,8 +791,8 @@ def export_curves(results: Iterable[ExperimentResult], out_dir: str | os.PathLik
         for tr in r.runs:
             df = learning_curve(tr)
             keep = [c for c in ("kind", "iter", "samples", "lr", "loss", "loss_mask", "loss_region",
-                                "loss_nt", "loss_dice", "grad_norm", "samples_per_s", *METRICS, "num_samples",
-                                "final") if c in df.columns]
+                                "loss_nt", "loss_dice", "loss_aux", "grad_norm", "samples_per_s",
+                                *METRICS, "num_samples", "final") if c in df.columns]
             path = out / f"{tr.cfg.name}-seed{tr.cfg.train.seed}.csv"
             df[keep].to_csv(path, index=False, float_format="%.5g")
             paths.append(path)

@@ -12,7 +12,9 @@
 
 Each CE uses the class weights ``[w0, w1]`` with mean reduction, i.e. ``Σ w_y ℓ / Σ w_y`` over
 all pixels / cells / samples of the batch. Only the last decoder layer is supervised (no deep
-supervision, no Hungarian matching). Every term is defined when the whole batch is no-target.
+supervision, no Hungarian matching) unless the model returns ``aux`` layers
+(``DecoderConfig.deep_supervision``, ours). Every term is defined when the whole batch is
+no-target.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ class GRESCriterion(nn.Module):
         Returns:
             ``loss_mask``, ``loss_region``, ``loss_nt`` (unweighted CEs), ``loss_dice`` when
             ``dice_weight`` is set, and ``loss`` = ``total_scale · (mask_weight·loss_mask +
-            region_weight·loss_region + no_target_weight·loss_nt [+ dice_weight·loss_dice])``.
+            region_weight·loss_region + no_target_weight·loss_nt [+ dice_weight·loss_dice]
+            [+ loss_aux])``. ``loss_aux`` (only when ``output.aux`` holds deep-supervision
+            layers) is the sum over those layers of the same weighted sum.
         """
         B, P, _ = output.region_logits.shape
         if gt_mask.ndim != 3 or gt_mask.shape[0] != B:
@@ -81,18 +85,32 @@ class GRESCriterion(nn.Module):
         region_grid = math.isqrt(P)
         if region_grid * region_grid != P:
             raise ValueError(f"region_logits has P={P} regions, not a square grid")
-        w = self.class_weights.to(output.mask_logits.device)
+        terms, weighted = self._terms(
+            output.mask_logits, output.region_logits, output.nt_logits, gt_mask, no_target,
+            region_grid)
+        if getattr(output, "aux", None):  # deep supervision: the same weighted losses on every earlier layer
+            aux = [self._terms(a["mask_logits"], a["region_logits"], a["nt_logits"], gt_mask,
+                               no_target, region_grid)[1] for a in output.aux]
+            terms["loss_aux"] = torch.stack(aux).sum()
+            weighted = weighted + terms["loss_aux"]
+        return {**terms, "loss": self.cfg.total_scale * weighted}
+
+    def _terms(self, mask_logits: Tensor, region_logits: Tensor, nt_logits: Tensor,
+               gt_mask: Tensor, no_target: Tensor, region_grid: int
+               ) -> tuple[dict[str, Tensor], Tensor]:
+        """One layer's unweighted terms and their weighted sum (before ``total_scale``)."""
+        w = self.class_weights.to(mask_logits.device)
         # CE in fp32 (autocast runs log_softmax in fp32 too)
         logits = F.interpolate(
-            output.mask_logits.float(),
+            mask_logits.float(),
             size=gt_mask.shape[-2:],
             mode="bilinear",
             align_corners=False,
         )  # (B, 2, S, S)
         loss_mask = F.cross_entropy(logits, gt_mask.long(), weight=w)
         cells = minimap_target(gt_mask, region_grid)  # (B, P)
-        loss_region = F.cross_entropy(output.region_logits.float().transpose(1, 2), cells, weight=w)
-        loss_nt = F.cross_entropy(output.nt_logits.float(), no_target.long(), weight=w)
+        loss_region = F.cross_entropy(region_logits.float().transpose(1, 2), cells, weight=w)
+        loss_nt = F.cross_entropy(nt_logits.float(), no_target.long(), weight=w)
         c = self.cfg
         weighted = (
             c.mask_weight * loss_mask + c.region_weight * loss_region + c.no_target_weight * loss_nt
@@ -101,7 +119,7 @@ class GRESCriterion(nn.Module):
         if c.dice_weight:
             terms["loss_dice"] = dice_loss(logits, gt_mask)
             weighted = weighted + c.dice_weight * terms["loss_dice"]
-        return {**terms, "loss": c.total_scale * weighted}
+        return terms, weighted
 
 
 def dice_loss(logits: Tensor, gt_mask: Tensor) -> Tensor:

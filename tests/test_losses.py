@@ -141,3 +141,27 @@ def test_bad_shapes():
     out = _output(torch.randn(2, 2, 4, 4), torch.randn(2, 4, 2), torch.randn(2, 2))
     with pytest.raises(ValueError, match="gt_mask"):
         crit(out, torch.zeros(8, 8, dtype=torch.bool), torch.zeros(2, dtype=torch.bool))
+
+
+def test_aux_layers_add_the_same_weighted_losses():
+    """Deep supervision: each aux layer adds its own weighted sum (before ``total_scale``), and an
+    aux layer identical to the final one doubles the loss."""
+    g = torch.Generator().manual_seed(0)
+    mask, region, nt = (torch.randn(2, 2, 4, 4, generator=g), torch.randn(2, 4, 2, generator=g),
+                        torch.randn(2, 2, generator=g))
+    gt = torch.rand(2, 8, 8, generator=g) > 0.6
+    no_target = torch.tensor([False, True])
+    gt[1] = False
+    cfg = dataclasses.replace(LossConfig(), dice_weight=0.5)
+    crit = GRESCriterion(cfg)
+    alone = crit(_output(mask, region, nt), gt, no_target)
+    assert "loss_aux" not in alone
+    same = _output(mask, region, nt)
+    same.aux = [{"mask_logits": mask, "region_logits": region, "nt_logits": nt}]
+    doubled = crit(same, gt, no_target)
+    torch.testing.assert_close(doubled["loss"], 2 * alone["loss"])
+    torch.testing.assert_close(doubled["loss_aux"] * cfg.total_scale, alone["loss"])
+    other = _output(mask, region, nt)
+    other.aux = [{"mask_logits": -mask, "region_logits": region, "nt_logits": nt}]
+    flipped = crit(_output(-mask, region, nt), gt, no_target)
+    torch.testing.assert_close(crit(other, gt, no_target)["loss"], alone["loss"] + flipped["loss"])

@@ -370,3 +370,27 @@ def test_region_prior_strong_equals_nearest_pixel_masks():
     assert not torch.allclose(a.mask_logits, c.mask_logits, atol=1e-3)
     with pytest.raises(ValueError, match="region_prior"):
         ReLADecoder(region_prior=-1.0, **kw)
+
+
+def test_deep_supervision_returns_every_earlier_layer_in_training_only():
+    """``deep_supervision`` adds the heads of layers 0..L-2 (with autograd) in training; the last
+    layer's outputs and the attention-mask path are unchanged, and evaluation returns no aux."""
+    torch.manual_seed(0)
+    plain = _decoder()
+    deep = _decoder(deep_supervision=True)
+    deep.load_state_dict(plain.state_dict())
+    _perturb(plain)
+    deep.load_state_dict(plain.state_dict())
+    inputs = _inputs()
+    a, b = plain.train()(*inputs), deep.train()(*inputs)
+    assert a.aux == [] and len(b.aux) == 3
+    torch.testing.assert_close(a.mask_logits, b.mask_logits)
+    ref = deep.eval()(*inputs, return_extras=True)  # heads of every layer, recorded
+    for i, layer in enumerate(b.aux):
+        torch.testing.assert_close(layer["mask_logits"], ref.extras["dec_pred_masks"][i + 1])
+        torch.testing.assert_close(layer["nt_logits"], ref.extras["dec_nt_label"][i + 1])
+        assert layer["region_logits"].requires_grad
+    b.aux[0]["mask_logits"].sum().backward()  # the first layer's heads reach its parameters
+    assert deep.transformer_ffn_layers[0].linear1.weight.grad.abs().sum() > 0
+    assert deep.transformer_ffn_layers[3].linear1.weight.grad is None
+    assert deep.eval()(*inputs).aux == []

@@ -44,6 +44,9 @@ class GRESOutput:
             ``text_last_hidden_state``, ``backbone_res2..5``, ``backbone_swin_tokens_s0..3``
             (Swin path before each PWAM, (B, H_i·W_i, C_i)), ``pixdec_mask_features``,
             ``pixdec_ms0..2``, ``dec_*``); empty otherwise.
+        aux: deep supervision (``DecoderConfig.deep_supervision``, training only): one dict per
+            decoder layer before the last, with that layer's ``mask_logits``, ``region_logits``
+            and ``nt_logits``; empty otherwise.
     """
 
     mask_logits: Tensor
@@ -51,6 +54,7 @@ class GRESOutput:
     nt_logits: Tensor
     region_masks: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
+    aux: list[dict[str, Tensor]] = field(default_factory=list)
 
 
 class GRESModel(nn.Module):
@@ -164,6 +168,7 @@ class GRESModel(nn.Module):
             nt_logits=dec.nt_logits,
             region_masks=dec.region_masks,
             extras=extras,
+            aux=dec.aux,
         )
 
 
@@ -301,6 +306,7 @@ def build_model(cfg: ModelConfig, *, load_pretrained: bool = True) -> nn.Module:
         variant=d.variant,
         eq1_reduction=d.eq1_reduction,
         region_prior=d.region_prior,
+        deep_supervision=d.deep_supervision,
     )
     model = GRESModel(
         backbone=backbone,

@@ -205,6 +205,8 @@ class DecoderOutput:
         nt_logits: (B, 2) no-target logits (index 1 = no target).
         region_masks: (B, P, H/4, W/4) region-mask logits M_r.
         extras: intermediates (names of the official test vectors) when requested.
+        aux: with deep supervision in training, the ``mask_logits`` / ``region_logits`` /
+            ``nt_logits`` of every layer before the last (with autograd); empty otherwise.
     """
 
     mask_logits: Tensor
@@ -212,6 +214,7 @@ class DecoderOutput:
     nt_logits: Tensor
     region_masks: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
+    aux: list[dict[str, Tensor]] = field(default_factory=list)
 
 
 VARIANTS = ("main", "original")
@@ -287,6 +290,8 @@ class ReLADecoder(nn.Module):
         eq1_reduction: ``"sum"`` (official) or ``"mean"`` (Eq. 1 divided by P; same argmax).
         region_prior: strength of the soft grid prior on RIA (0 = off, official;
             :func:`grid_prior_bias`).
+        deep_supervision: in training, also return the heads of every layer but the last
+            (``DecoderOutput.aux``; ours, off = official).
         dropout: dropout of every sub-layer.
         variant: ``"main"`` (released code) or ``"original"`` (paper branch).
         num_levels: pyramid levels cycled over.
@@ -309,6 +314,7 @@ class ReLADecoder(nn.Module):
         nt_embed_layers: int = 2,
         eq1_reduction: str = "sum",
         region_prior: float = 0.0,
+        deep_supervision: bool = False,
         dropout: float = 0.0,
         variant: str = "main",
         num_levels: int = 3,
@@ -331,6 +337,7 @@ class ReLADecoder(nn.Module):
         if region_prior < 0:
             raise ValueError(f"region_prior must be >= 0, got {region_prior}")
         self.region_prior = float(region_prior)
+        self.deep_supervision = bool(deep_supervision)
         # Training aid (ours), switched by the engine for the first TrainConfig.grid_attention_iters
         # iterations: region q attends only to the pixels of its minimap cell (grid_attention_mask)
         # instead of its predicted region mask. Never used at inference.
@@ -438,6 +445,8 @@ class ReLADecoder(nn.Module):
         # Intermediate heads only feed the (detached) attention masks: unless extras are wanted,
         # only the region embedding is computed for them, without autograd. The last layer's
         # heads are the outputs.
+        aux: list[dict[str, Tensor]] = []
+        deep = self.deep_supervision and self.training
         heads = None
         if return_extras or self.num_layers == 0:
             heads = self._heads(output, output, mask_features)
@@ -473,8 +482,11 @@ class ReLADecoder(nn.Module):
                                                        lang_feats, blocked, record)
             last = i == self.num_layers - 1
             heads = None
-            if last or return_extras:
+            if last or return_extras or deep:
                 heads = self._heads(output, rla_out, mask_features)
+                if deep and not last:
+                    aux.append({k: heads[k] for k in ("mask_logits", "region_logits",
+                                                      "nt_logits")})
                 record("dec_pred_logits", heads["region_logits"])
                 record("dec_nt_label", heads["nt_logits"])
                 record("dec_pred_masks", heads["mask_logits"])
@@ -497,6 +509,7 @@ class ReLADecoder(nn.Module):
             nt_logits=heads["nt_logits"],
             region_masks=torch.einsum("bqc,bchw->bqhw", heads["embed"], mask_features),
             extras=extras,
+            aux=aux,
         )
 
     def _layer_main(self, i, output, src, pos, query_pos, lang_feats, blocked, record):
