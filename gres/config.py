@@ -190,6 +190,11 @@ class PretrainConfig:
     seed: int = 0
     eval_every: int = 250  # validation curve (0 = only at the end)
     eval_images: int = 300  # first N validation images
+    # Ours: also label every object pixel with these instance attributes of instances.json's
+    # per-annotation "attributes" dict (synthetic: "color", "size"; COCO has none), one extra
+    # head each, so that the pretrained features keep them (a shape-only target makes the deep
+    # features colour-blind). () = categories only.
+    attributes: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,6 +254,9 @@ class TrainConfig:
     # the PWAMs, gates and output norms). Ours: the official BACKBONE_MULTIPLIER (1.0) is defined
     # but never applied (spec §3), so the official value is 1.0.
     backbone_lr_factor: float = 1.0
+    # Ours: the factor applies to the pretrained parameters of Swin stages >= this one only (the
+    # patch embedding is stage 0); 0 = the whole pretrained Swin.
+    backbone_lr_from_stage: int = 0
     # Ours: for the first N iterations the ReLA decoder's region q attends only to the pixels of
     # its minimap cell (q // P, q % P) instead of its predicted region mask, so the regions start
     # out spatial (gres.model.rela.grid_attention_mask); 0 = never (official).

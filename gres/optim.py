@@ -178,7 +178,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
     With ``cfg.backbone_lr_factor != 1`` (ours), each group is split in two and the Swin
     parameters that pretrained weights provide (:func:`gres.model.swin.pretrained_parameters`)
-    get ``lr * backbone_lr_factor`` (group names get a ``_backbone`` suffix).
+    in stages ``>= cfg.backbone_lr_from_stage`` get ``lr * backbone_lr_factor`` (group names get
+    a ``_backbone`` suffix). A factor of 0 freezes them (AdamW's decoupled weight decay is
+    scaled by the learning rate too).
     """
     pg = param_groups(model, cfg.weight_decay, cfg.weight_decay_norm, cfg.weight_decay_embed)
     groups = pg.groups
@@ -187,7 +189,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
             raise ValueError(f"backbone_lr_factor must be >= 0, got {cfg.backbone_lr_factor}")
         from gres.model.swin import pretrained_parameters
 
-        slow = {id(p) for p in pretrained_parameters(model)}
+        if not 0 <= cfg.backbone_lr_from_stage <= 3:
+            raise ValueError("backbone_lr_from_stage must be a Swin stage 0..3, got "
+                             f"{cfg.backbone_lr_from_stage}")
+        slow = {id(p) for p in pretrained_parameters(model, cfg.backbone_lr_from_stage)}
         groups = []
         for g in pg.groups:
             for suffix, keep in (("", False), ("_backbone", True)):

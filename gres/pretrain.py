@@ -14,6 +14,11 @@ expression is used. The backbone weights are cached and then loaded exactly like
 of the paper preset (:func:`gres.model.swin.load_pretrained_swin`): the fusion modules, the gates
 and the output norms of the fused stages start fresh.
 
+With ``PretrainConfig.attributes`` (e.g. ``("color", "size")`` on the synthetic set, whose
+annotations carry them), extra heads also label every object pixel with those attributes, so that
+the features are not trained to ignore them (a shape-only target makes the deep stages
+colour-blind; ImageNet features are not).
+
 Selected with ``SwinConfig.pretrained = "dataset-categories"`` (:data:`PRETRAIN_SOURCE`); the
 recipe is :class:`gres.config.PretrainConfig` (``ExperimentConfig.pretrain``). The cache folder
 is keyed by a hash of the Swin architecture, the input size and normalisation, the pretraining
@@ -69,6 +74,10 @@ class CategorySegmentation(torch.utils.data.Dataset):
     :data:`IGNORE` for crowd regions. Annotations are drawn in id order (a later one covers an
     earlier one where they overlap; synthetic masks are the visible parts and never overlap).
 
+    With ``attributes`` (e.g. ``("color",)``), each image also gets one map per attribute:
+    0 = background, ``1..V`` = the attribute's values (sorted, over every annotation of the file;
+    :attr:`attribute_values`), :data:`IGNORE` for crowd regions and annotations without it.
+
     Args:
         root: dataset root (``<root>/<dataset>/...``, ``<root>/images/train2014``).
         split: images of the refs of this split (``train`` for pretraining).
@@ -76,11 +85,15 @@ class CategorySegmentation(torch.utils.data.Dataset):
         image_size: square side of the resized images and label maps.
         max_images: keep the first N images (sorted by id).
         cache: keep decoded images and label maps in memory.
+        attributes: names of per-annotation ``attributes`` entries to label as well.
+
+    Raises:
+        ValueError: no annotation of the file has one of ``attributes``.
     """
 
     def __init__(self, root: str | os.PathLike, split: str, *, dataset: str = "grefcoco",
                  split_by: str = "unc", image_size: int = 480, max_images: int | None = None,
-                 cache: bool = False) -> None:
+                 cache: bool = False, attributes: tuple[str, ...] = ()) -> None:
         from gres.data.grefer import GRefer
 
         refer = GRefer(root, dataset, split_by)
@@ -93,6 +106,17 @@ class CategorySegmentation(torch.utils.data.Dataset):
         self.cat_ids = sorted(int(c) for c in refer.cats)
         self.cat_names = [refer.cats[c] for c in self.cat_ids]
         label_of = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.attributes = tuple(attributes)
+        self.attribute_values: dict[str, list[str]] = {}
+        for name in self.attributes:
+            values = sorted({str(a["attributes"][name]) for a in refer.anns.values()
+                             if a is not None and name in (a.get("attributes") or {})})
+            if not values:
+                raise ValueError(f"no annotation of {root} has the attribute {name!r} "
+                                 "(instances.json 'attributes'; COCO annotations have none)")
+            self.attribute_values[name] = values
+        value_label = {n: {v: i + 1 for i, v in enumerate(vs)}
+                       for n, vs in self.attribute_values.items()}
         self._items = []
         for iid in image_ids:
             img = refer.imgs[iid]
@@ -100,7 +124,9 @@ class CategorySegmentation(torch.utils.data.Dataset):
                           key=lambda a: a["id"])
             self._items.append((
                 str(refer.image_path(iid)), int(img["height"]), int(img["width"]),
-                [(a["segmentation"], label_of[int(a["category_id"])], bool(a.get("iscrowd", 0)))
+                [(a["segmentation"], label_of[int(a["category_id"])], bool(a.get("iscrowd", 0)),
+                  tuple(value_label[n].get(str((a.get("attributes") or {}).get(n)), IGNORE)
+                        for n in self.attributes))
                  for a in anns],
             ))
         missing = [p for p, *_ in self._items if not os.path.isfile(p)]
@@ -119,7 +145,8 @@ class CategorySegmentation(torch.utils.data.Dataset):
         return len(self._items)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        """``(image, labels)``: (3, S, S) uint8 RGB and (S, S) int64."""
+        """``(image, labels)``: (3, S, S) uint8 RGB and (S, S) int64 categories, or with
+        ``attributes`` (1 + A, S, S): the categories, then one map per attribute."""
         if index in self._cache:
             return self._cache[index]
         from gres.data.dataset import load_rgb, resize_square
@@ -129,11 +156,12 @@ class CategorySegmentation(torch.utils.data.Dataset):
         S = self.image_size
         image = torch.from_numpy(np.array(resize_square(load_rgb(path), S)))  # (S, S, 3) copy
         image = image.permute(2, 0, 1).contiguous()  # (3, S, S)
-        labels = np.zeros((S, S), dtype=np.int64)
-        for seg, label, crowd in anns:
+        labels = np.zeros((1 + len(self.attributes), S, S), dtype=np.int64)
+        for seg, label, crowd, values in anns:
             m = rasterize_segmentation(seg, (h, w), (S, S)).astype(bool)
-            labels[m] = IGNORE if crowd else label
-        item = (image, torch.from_numpy(labels))
+            for k, v in enumerate((label, *values)):
+                labels[k][m] = IGNORE if crowd else v
+        item = (image, torch.from_numpy(labels if self.attributes else labels[0]))
         if self.cache:
             self._cache[index] = item
         return item
@@ -156,24 +184,28 @@ class CategorySegmenter(nn.Module):
         head_dim: FPN width.
     """
 
-    def __init__(self, cfg: ExperimentConfig, num_classes: int, head_dim: int) -> None:
+    def __init__(self, cfg: ExperimentConfig, num_classes: int, head_dim: int,
+                 attribute_classes: tuple[int, ...] = ()) -> None:
         super().__init__()
         from gres.model.swin import build_swin
 
         swin_cfg = dataclasses.replace(cfg.model.swin, use_fusion=False, pretrained=None)
         self.backbone = build_swin(swin_cfg, lang_dim=cfg.model.text.hidden_size)
         self.lateral = nn.ModuleList(nn.Conv2d(c, head_dim, 1) for c in self.backbone.num_features)
-        self.head = nn.Sequential(
-            nn.Conv2d(head_dim, head_dim, 3, padding=1), nn.GELU(),
-            nn.Conv2d(head_dim, num_classes, 1),
-        )
+        self.head = self._head(head_dim, num_classes)
+        self.attribute_heads = nn.ModuleList(self._head(head_dim, n) for n in attribute_classes)
         self.register_buffer("pixel_mean", torch.tensor(cfg.model.pixel_mean).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.model.pixel_std).view(1, 3, 1, 1),
                              persistent=False)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """(B, 3, S, S) uint8/float 0..255 -> (B, K+1, S, S) logits."""
+    @staticmethod
+    def _head(dim: int, classes: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.GELU(), nn.Conv2d(dim, classes, 1))
+
+    def forward(self, images: Tensor, *, attributes: bool = False) -> Tensor | list[Tensor]:
+        """(B, 3, S, S) uint8/float 0..255 -> (B, K+1, S, S) category logits; with
+        ``attributes`` the list [categories, attribute 1, ...] of (B, V+1, S, S) logits."""
         x = (images.float() - self.pixel_mean) / self.pixel_std
         feats = list(self.backbone(x).values())  # res2..res5, (B, C_i, S/4/2^i, S/4/2^i)
         y = None
@@ -182,8 +214,10 @@ class CategorySegmenter(nn.Module):
             if y is not None:
                 z = z + F.interpolate(y, size=z.shape[-2:], mode="bilinear", align_corners=False)
             y = z  # (B, head_dim, h, w), ends at stride 4
-        logits = self.head(y)
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        heads = [self.head, *self.attribute_heads] if attributes else [self.head]
+        logits = [F.interpolate(h(y), size=images.shape[-2:], mode="bilinear",
+                                align_corners=False) for h in heads]
+        return logits if attributes else logits[0]
 
 
 def category_metrics(pred: Tensor, labels: Tensor, num_classes: int) -> dict[str, float]:
@@ -286,18 +320,24 @@ def pretrain_backbone(cfg: ExperimentConfig, root: str | os.PathLike, *,
         from gres.data.dataset import annotation_folder
 
         kw = dict(dataset=annotation_folder(cfg.data.dataset), split_by=cfg.data.split_by,
-                  image_size=cfg.model.image_size, cache=cfg.data.cache_images)
+                  image_size=cfg.model.image_size, cache=cfg.data.cache_images,
+                  attributes=tuple(pcfg.attributes))
         train_set = CategorySegmentation(data_root, cfg.data.train_split, **kw)
         val_set = CategorySegmentation(data_root, cfg.data.val_split,
                                        max_images=pcfg.eval_images, **kw)
         seed_everything(pcfg.seed)
-        model = CategorySegmenter(cfg, train_set.num_classes, pcfg.head_dim)
+        attr_classes = tuple(len(train_set.attribute_values[n]) + 1 for n in pcfg.attributes)
+        model = CategorySegmenter(cfg, train_set.num_classes, pcfg.head_dim, attr_classes)
         optimizer = torch.optim.AdamW(model.parameters(), lr=pcfg.lr,
                                       weight_decay=pcfg.weight_decay)
-        weight = torch.ones(train_set.num_classes)
-        weight[0] = pcfg.background_weight
+        weights = []
+        for n in (train_set.num_classes, *attr_classes):  # background down-weighted in each
+            weights.append(torch.ones(n))
+            weights[-1][0] = pcfg.background_weight
         gen = torch.Generator().manual_seed(pcfg.seed)
         val_x, val_y = _stack(val_set, list(range(len(val_set))))
+        if pcfg.attributes:  # (N, 1 + A, S, S): the curve scores the categories
+            val_y = val_y[:, 0]
         curve: list[dict[str, Any]] = []
         log = folder / "log.jsonl"
         log.write_text("")
@@ -325,7 +365,11 @@ def pretrain_backbone(cfg: ExperimentConfig, root: str | os.PathLike, *,
             x, y = _stack(train_set, idx)
             if pcfg.hflip and it % 2:  # every other batch mirrored (categories are symmetric)
                 x, y = x.flip(-1), y.flip(-1)
-            loss = F.cross_entropy(model(x), y, weight=weight, ignore_index=IGNORE)
+            if pcfg.attributes:  # categories + one CE per attribute, summed
+                loss = sum(F.cross_entropy(lg, y[:, k], weight=weights[k], ignore_index=IGNORE)
+                           for k, lg in enumerate(model(x, attributes=True)))
+            else:
+                loss = F.cross_entropy(model(x), y, weight=weights[0], ignore_index=IGNORE)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"pretraining loss is {loss.item()} at iteration {it}")
             optimizer.zero_grad(set_to_none=True)
@@ -339,6 +383,7 @@ def pretrain_backbone(cfg: ExperimentConfig, root: str | os.PathLike, *,
         atomic_write_text(folder / "pretrain.json", json.dumps({
             "key": key, "pretrain": to_dict(pcfg), "swin": to_dict(cfg.model.swin),
             "image_size": cfg.model.image_size, "categories": train_set.cat_names,
+            "attribute_values": train_set.attribute_values,
             "train_images": len(train_set), "val_images": len(val_set), "curve": curve,
             "seconds": time.time() - t0, "torch_threads": torch.get_num_threads(),
         }, indent=1))

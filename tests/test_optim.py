@@ -220,3 +220,26 @@ def test_backbone_lr_factor_slows_only_the_pretrained_swin(tiny_model):
     assert all(g["lr"] == 1e-3 for g in official.param_groups)
     with pytest.raises(ValueError, match="backbone_lr_factor"):
         build_optimizer(tiny_model, dataclasses.replace(cfg, backbone_lr_factor=-1.0))
+
+
+def test_backbone_lr_from_stage_limits_the_factor_to_the_deep_stages(tiny_model):
+    """backbone_lr_from_stage=2: only the pretrained parameters of Swin stages 2 and 3 get the
+    factor (0 freezes them); the patch embedding and stages 0-1 train at lr."""
+    from gres.config import TrainConfig
+    from gres.model.swin import pretrained_parameters, swin_stage_of
+    from gres.optim import build_optimizer
+
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    every = {id(p) for p in pretrained_parameters(tiny_model)}
+    deep = {id(p) for p in pretrained_parameters(tiny_model, from_stage=2)}
+    assert deep and deep < every
+    assert all(names[i].startswith("backbone.layers.2.") or names[i].startswith("backbone.layers.3.")
+               for i in deep)
+    assert swin_stage_of("patch_embed.proj.weight") == 0 and swin_stage_of("layers.3.blocks.0.x") == 3
+    opt = build_optimizer(tiny_model, TrainConfig(lr=1e-3, backbone_lr_factor=0.0,
+                                                  backbone_lr_from_stage=2))
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert g["lr"] == (0.0 if id(p) in deep else 1e-3), names[id(p)]
+    with pytest.raises(ValueError, match="backbone_lr_from_stage"):
+        build_optimizer(tiny_model, TrainConfig(backbone_lr_factor=0.5, backbone_lr_from_stage=4))

@@ -117,3 +117,39 @@ def test_experiments_pretrain_once_for_the_book(cfg, tmp_path):
     assert record["curve"][-1]["iter"] == cfg.pretrain.iterations
     assert (ex.pretrain_root(root) / f"swin-{record['key']}" / pt.BACKBONE_FILE).is_file()
     assert ex.pretrained_backbone(cfg, root=root, train=False) == record
+
+
+def test_attribute_maps_label_each_instance_with_its_attribute_values(tiny_data):
+    from gres.data.grefer import GRefer, rasterize_segmentation
+
+    plain = pt.CategorySegmentation(tiny_data, "train", image_size=64)
+    ds = pt.CategorySegmentation(tiny_data, "train", image_size=64, attributes=("color", "size"))
+    assert ds.attribute_values["size"] == ["big", "small"]
+    assert "red" in ds.attribute_values["color"] and len(ds.attribute_values["color"]) <= 7
+    refer = GRefer(tiny_data, "grefcoco", "unc")
+    image, labels = ds[0]
+    assert labels.shape == (3, 64, 64) and torch.equal(labels[0], plain[0][1])
+    iid = sorted({int(refer.refs[r]["image_id"]) for r in refer.get_ref_ids(split="train")})[0]
+    img = refer.imgs[iid]
+    for ann in refer.img_to_anns[iid]:
+        m = rasterize_segmentation(ann["segmentation"], (img["height"], img["width"]), (64, 64))
+        for k, name in enumerate(("color", "size"), start=1):
+            want = ds.attribute_values[name].index(ann["attributes"][name]) + 1
+            assert (labels[k].numpy()[m.astype(bool)] == want).mean() > 0.95
+    assert bool(((labels[1] > 0) == (labels[0] > 0)).all())  # same objects, other labels
+    with pytest.raises(ValueError, match="'weight'"):
+        pt.CategorySegmentation(tiny_data, "train", image_size=64, attributes=("weight",))
+
+
+def test_attribute_pretraining_changes_the_key_and_trains_the_heads(cfg, tmp_path):
+    attr = ex.replace(cfg, pretrain={"attributes": ("color",)})
+    assert pt.pretrain_key(attr) != pt.pretrain_key(cfg)
+    path = pt.pretrain_backbone(attr, tmp_path / "pre", progress=False, verbose=False)
+    info = json.loads((path.parent / "pretrain.json").read_text())
+    assert "red" in info["attribute_values"]["color"] and info["curve"][-1]["iter"] == 3
+    plain = pt.pretrain_backbone(cfg, tmp_path / "pre", progress=False, verbose=False)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(path)), load_file(str(plain))
+    assert a.keys() == b.keys()  # only the Swin is kept; the attribute heads are thrown away
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the extra loss changed the weights

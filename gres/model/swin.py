@@ -763,13 +763,22 @@ class SwinLoadReport:
 _FRESH_KEYS = re.compile(r"(^norm\d+\.|\.fusion\.|\.res_gate\.)")
 
 
-def pretrained_parameters(model: nn.Module) -> list[nn.Parameter]:
+def swin_stage_of(name: str) -> int:
+    """Stage of a :class:`MultiModalSwin` parameter name: ``layers.i.*`` (stage i's blocks and
+    the patch merging after them) -> i; anything else (the patch embedding) -> 0."""
+    m = re.match(r"layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else 0
+
+
+def pretrained_parameters(model: nn.Module, from_stage: int = 0) -> list[nn.Parameter]:
     """The parameters of every :class:`MultiModalSwin` inside ``model`` that pretrained Swin
-    weights provide (all but the fusion modules, gates and output norms)."""
+    weights provide (all but the fusion modules, gates and output norms), limited to stages
+    ``>= from_stage`` (the patch embedding is stage 0; see :func:`swin_stage_of`)."""
     out = []
     for module in model.modules():
         if isinstance(module, MultiModalSwin):
-            out += [p for name, p in module.named_parameters() if not _FRESH_KEYS.search(name)]
+            out += [p for name, p in module.named_parameters()
+                    if not _FRESH_KEYS.search(name) and swin_stage_of(name) >= from_stage]
     return out
 
 
