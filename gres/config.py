@@ -466,8 +466,11 @@ def cpu_small() -> ExperimentConfig:
     shape nouns stay unbound. Session 4: a soft grid prior on RIA (``decoder.region_prior``) lets
     the regions find their cells. Session 5: a Dice term on the mask (``loss.dice_weight``) finds
     more of the referred objects; coordinates in the PWAMs (``swin.spatial_features``) did not
-    help and stay off. Still far short of the issue's target (gIoU 70, N-acc 80): see
-    bench/RESULTS.md.
+    help and stay off. Session 7: training at lr 1e-3 erases the pretrained shape features
+    (linear probes, bench/probe_features.py); freezing the pretrained Swin weights
+    (``train.backbone_lr_factor=0``) keeps them and binds the shape nouns on some seeds, but the
+    mean over three seeds is a tie (48.8 against 48.5 gIoU), so it stays off. Still far short of
+    the issue's target (gIoU 70, N-acc 80): see bench/RESULTS.md.
     """
     return ExperimentConfig(
         name="cpu-small",

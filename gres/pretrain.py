@@ -247,10 +247,13 @@ def pretrain_key(cfg: ExperimentConfig, length: int = 10) -> str:
 
     swin = to_dict(dataclasses.replace(cfg.model.swin, pretrained=None))
     swin.pop("spatial_features")  # PWAM only: pretraining runs the Swin path without fusion
+    recipe = to_dict(cfg.pretrain)
+    if not recipe["attributes"]:  # field added later: without attributes, the key is unchanged
+        recipe.pop("attributes")
     blob = json.dumps({
         "swin": swin, "lang_dim": cfg.model.text.hidden_size,
         "image_size": cfg.model.image_size, "pixel_mean": list(cfg.model.pixel_mean),
-        "pixel_std": list(cfg.model.pixel_std), "pretrain": to_dict(cfg.pretrain),
+        "pixel_std": list(cfg.model.pixel_std), "pretrain": recipe,
         "dataset": [cfg.data.dataset, cfg.data.split_by, cfg.data.train_split,
                     cfg.data.val_split],
         "data": dataset_fingerprint(cfg),
