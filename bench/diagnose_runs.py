@@ -67,11 +67,12 @@ def load_records(run: Path, kinds: dict[int, str]) -> pd.DataFrame:
 
 
 def kinds_table(runs: list[Path], kinds: dict[int, str]) -> pd.DataFrame:
-    cols = {}
+    cols, n = {}, None
     for run in runs:
         rec = load_records(run, kinds)
         cols[run.name] = (100 * rec.groupby("kind").IoU.mean()).round(1)
-    n = load_records(runs[0], kinds).groupby("kind").size().rename("n")
+        if n is None:  # sample counts per kind (the same split for every run)
+            n = rec.groupby("kind").size().rename("n")
     return pd.concat([n, pd.DataFrame(cols)], axis=1).rename_axis("kind").reset_index()
 
 

@@ -20,7 +20,6 @@ object is seen; chance = 1/K).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gres.pretrain import IGNORE, CategorySegmentation  # noqa: E402
+from gres.pretrain import IGNORE, CategorySegmentation, plain_swin  # noqa: E402
 
 RUN_MAPS = ("swin_pre_s0", "swin_pre_s1", "swin_pre_s2", "swin_pre_s3", "backbone_res2",
             "backbone_res3", "backbone_res4", "pixdec_ms2", "pixdec_mask_features")
@@ -46,7 +45,7 @@ def _tokens_to_map(x: torch.Tensor) -> torch.Tensor:
 
 
 def _category_index(cats: CategorySegmentation) -> dict[str, int]:
-    return {Path(p).name: i for i, (p, *_) in enumerate(cats._items)}
+    return {Path(p).name: i for i, p in enumerate(cats.image_paths)}
 
 
 @torch.no_grad()
@@ -93,11 +92,9 @@ def backbone_features(path: Path, data_root: Path, split: str, n_images: int, se
     from safetensors.torch import load_file
 
     from gres.config import PRESETS
-    from gres.model.swin import build_swin
 
     cfg = PRESETS[preset]()
-    swin = build_swin(dataclasses.replace(cfg.model.swin, use_fusion=False, pretrained=None),
-                      lang_dim=cfg.model.text.hidden_size)
+    swin = plain_swin(cfg)
     swin.load_state_dict(load_file(str(path)))
     swin.eval()
     mean = torch.tensor(cfg.model.pixel_mean).view(1, 3, 1, 1)

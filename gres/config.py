@@ -471,8 +471,8 @@ def cpu_small() -> ExperimentConfig:
     (``train.backbone_lr_factor=0``) keeps them and binds the shape nouns on most seeds: 49.9
     against 47.6 gIoU and N-acc 35.8 against 27.1 over four seeds; 57.2 / 59.1 against 50.8 /
     51.6 at twice the budget. It is not switched on yet: the book's numbers come from a full
-    build of this preset, which has to be rerun with it. Still short of the issue's target (gIoU 70, N-acc 80): see
-    bench/RESULTS.md.
+    build of this preset, which has to be rerun with it. Still short of the issue's target
+    (gIoU 70, N-acc 80): see bench/RESULTS.md.
     """
     return ExperimentConfig(
         name="cpu-small",

@@ -144,6 +144,11 @@ class CategorySegmentation(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def image_paths(self) -> list[str]:
+        """Image file of each index."""
+        return [path for path, *_ in self._items]
+
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         """``(image, labels)``: (3, S, S) uint8 RGB and (S, S) int64 categories, or with
         ``attributes`` (1 + A, S, S): the categories, then one map per attribute."""
@@ -175,6 +180,15 @@ def _stack(dataset: CategorySegmentation, indices: list[int]) -> tuple[Tensor, T
 # --------------------------------------------------------------------------------------------------
 # Model: the Swin without fusion + a light FPN segmentation head
 # --------------------------------------------------------------------------------------------------
+def plain_swin(cfg: ExperimentConfig) -> nn.Module:
+    """The config's Swin without language fusion and without weights: what pretraining trains
+    and what :data:`BACKBONE_FILE` holds."""
+    from gres.model.swin import build_swin
+
+    swin_cfg = dataclasses.replace(cfg.model.swin, use_fusion=False, pretrained=None)
+    return build_swin(swin_cfg, lang_dim=cfg.model.text.hidden_size)
+
+
 class CategorySegmenter(nn.Module):
     """Swin (``use_fusion=False``) -> top-down FPN over res2..res5 -> per-pixel category logits.
 
@@ -187,10 +201,7 @@ class CategorySegmenter(nn.Module):
     def __init__(self, cfg: ExperimentConfig, num_classes: int, head_dim: int,
                  attribute_classes: tuple[int, ...] = ()) -> None:
         super().__init__()
-        from gres.model.swin import build_swin
-
-        swin_cfg = dataclasses.replace(cfg.model.swin, use_fusion=False, pretrained=None)
-        self.backbone = build_swin(swin_cfg, lang_dim=cfg.model.text.hidden_size)
+        self.backbone = plain_swin(cfg)
         self.lateral = nn.ModuleList(nn.Conv2d(c, head_dim, 1) for c in self.backbone.num_features)
         self.head = self._head(head_dim, num_classes)
         self.attribute_heads = nn.ModuleList(self._head(head_dim, n) for n in attribute_classes)
@@ -368,11 +379,10 @@ def pretrain_backbone(cfg: ExperimentConfig, root: str | os.PathLike, *,
             x, y = _stack(train_set, idx)
             if pcfg.hflip and it % 2:  # every other batch mirrored (categories are symmetric)
                 x, y = x.flip(-1), y.flip(-1)
-            if pcfg.attributes:  # categories + one CE per attribute, summed
-                loss = sum(F.cross_entropy(lg, y[:, k], weight=weights[k], ignore_index=IGNORE)
-                           for k, lg in enumerate(model(x, attributes=True)))
-            else:
-                loss = F.cross_entropy(model(x), y, weight=weights[0], ignore_index=IGNORE)
+            targets = y if pcfg.attributes else y[:, None]  # (B, 1 + A, S, S)
+            # the category CE, plus one CE per attribute
+            loss = sum(F.cross_entropy(lg, targets[:, k], weight=weights[k], ignore_index=IGNORE)
+                       for k, lg in enumerate(model(x, attributes=True)))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"pretraining loss is {loss.item()} at iteration {it}")
             optimizer.zero_grad(set_to_none=True)
