@@ -164,3 +164,23 @@ def test_init_description_follows_the_config():
     assert ex.init_description(paper) == (
         f"from the Swin weights {paper.model.swin.pretrained} and the text encoder "
         f"{paper.model.text.name_or_path}")
+
+
+def test_tables5_6_add_the_trained_swin_one_stage_row_only_when_the_base_freezes_it(smoke):
+    """cpu-small freezes its pretrained Swin; Tables 5/6 then also train the one-stage baseline
+    with the Swin at the full learning rate (no paper row); with a trained Swin the extra row
+    would repeat the first and is left out."""
+    assert PRESETS["cpu-small"]().train.backbone_lr_factor == 0.0
+    assert smoke.train.backbone_lr_factor == 0.0
+    for table in ("table5", "table6"):
+        rows = ex.table_specs(table, smoke)
+        assert [s.paper_method for s in rows][:2] == ["LAVT", None]
+        assert rows[-1].paper_method == "ReLA" and rows[-1].cfg == smoke
+        frozen, trained = rows[0].cfg, rows[1].cfg
+        assert frozen.model.head == trained.model.head == "onestage"
+        assert frozen.train.backbone_lr_factor == 0.0 and trained.train.backbone_lr_factor == 1.0
+        assert ex.replace(trained, train={"backbone_lr_factor": 0.0}, name=frozen.name) == frozen
+        assert rows[1].nt_rule == "pixels"
+        unfrozen = ex.table_specs(table, ex.replace(smoke, train={"backbone_lr_factor": 1.0}))
+        assert [s.paper_method for s in unfrozen] == [s.paper_method for s in rows
+                                                      if s.paper_method is not None]

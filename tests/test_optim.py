@@ -243,3 +243,49 @@ def test_backbone_lr_from_stage_limits_the_factor_to_the_deep_stages(tiny_model)
             assert g["lr"] == (0.0 if id(p) in deep else 1e-3), names[id(p)]
     with pytest.raises(ValueError, match="backbone_lr_from_stage"):
         build_optimizer(tiny_model, TrainConfig(backbone_lr_factor=0.5, backbone_lr_from_stage=4))
+
+
+
+def test_backbone_lr_factor_zero_freezes_by_learning_rate_and_keeps_the_clip_norm(tiny_cfg):
+    """backbone_lr_factor=0: the pretrained Swin parameters of the chosen stages stay trainable
+    tensors in a learning-rate-0 group, so their gradients exist and count in the full-model clip
+    norm (the measured cpu-small recipe; requires_grad=False scored lower), and a step leaves
+    them unchanged while the fusion modules and stage 0 move."""
+    from gres import engine
+    from gres.losses import GRESCriterion
+    from gres.model.swin import pretrained_parameters
+    from gres.optim import build_optimizer, clip_gradients
+
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(
+        tiny_cfg.train, lr=1e-2, backbone_lr_factor=0.0, backbone_lr_from_stage=1))
+    engine.seed_everything(0)
+    model = engine.prepare_model(cfg).train()
+    frozen = {id(p) for p in pretrained_parameters(model, from_stage=1)}
+    stage0 = {id(p) for p in pretrained_parameters(model)} - frozen
+    assert frozen and stage0
+    assert all(p.requires_grad for p in model.parameters() if id(p) in frozen)
+    opt = build_optimizer(model, cfg.train)
+    zero = {id(p) for g in opt.param_groups if g["lr"] == 0.0 for p in g["params"]}
+    assert zero == frozen
+
+    S = cfg.model.image_size
+    torch.manual_seed(0)
+    image, ids = torch.randn(2, 3, S, S), torch.randint(1000, 2000, (2, 6))
+    gt = (torch.rand(2, S, S) > 0.7).float()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = model(image, ids, torch.ones_like(ids, dtype=torch.bool))
+    GRESCriterion(cfg.loss)(out, gt, torch.tensor([False, True]))["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    frozen_grads = [p.grad for p in model.parameters() if id(p) in frozen and p.grad is not None]
+    assert frozen_grads and any(float(g.abs().sum()) > 0 for g in frozen_grads)
+    norm = clip_gradients(opt, 0.0)
+    assert float(norm) == pytest.approx(
+        float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))), rel=1e-5)
+    opt.step()
+    for name, p in model.named_parameters():
+        if id(p) in frozen:
+            assert torch.equal(p, before[name]), name
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters()
+               if id(p) in stage0)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters()
+               if ".fusion." in n)
