@@ -76,7 +76,7 @@ def test_full_build_trains_what_the_chapters_train():
                 for t in ex.TABLES for s in ex.table_specs(
                     t, abl if t in ("table2", "table3", "table4") else main)}
     assert {config_hash(c) for c in plan} == expected
-    assert len(plan) == len(expected) == 15  # 10 ablation rows (shared ReLA once) + 5 main ones
+    assert len(plan) == len(expected) == 14  # 10 ablation rows (shared ReLA once) + 4 main ones
     assert config_hash(main) in expected  # chapters 4, 5, 12, 13 load the main model
     with pytest.raises(ValueError, match="unknown keys"):
         book.training_plan({**spec, "preset": "cpu-small"})

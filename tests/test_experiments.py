@@ -32,8 +32,10 @@ def test_presets_are_registered_and_consistent():
         assert cfg.data.image_size == cfg.model.image_size
         assert cfg.train.max_samples is not None  # budgets are counted in samples
     small, abl = PRESETS["cpu-small"](), PRESETS["cpu-small-ablation"]()
-    assert abl.model == small.model and abl.loss == small.loss  # only the budget differs
+    assert abl.model == small.model and abl.loss == small.loss  # same model and losses
     assert abl.train.max_samples < small.train.max_samples
+    # the ablations train the pretrained Swin (frozen, half the budget was too short)
+    assert abl.train.backbone_lr_factor == 1.0 and small.train.backbone_lr_factor == 0.0
 
 
 def test_replace_nested_sections(smoke):
@@ -158,6 +160,8 @@ def test_init_description_follows_the_config():
     small = PRESETS["cpu-small"]()
     assert "pretrained on the object categories" in ex.init_description(small)
     assert "text encoder trained from scratch" in ex.init_description(small)
+    assert "stay frozen" in ex.init_description(small)  # cpu-small freezes its pretrained Swin
+    assert "frozen" not in ex.init_description(PRESETS["cpu-small-ablation"]())
     scratch = ex.replace(small, swin={"pretrained": None})
     assert ex.init_description(scratch) == "from scratch (no ImageNet or BERT weights)"
     paper = PRESETS["rela-swin-b"]()
@@ -166,21 +170,24 @@ def test_init_description_follows_the_config():
         f"{paper.model.text.name_or_path}")
 
 
-def test_tables5_6_add_the_trained_swin_one_stage_row_only_when_the_base_freezes_it(smoke):
-    """cpu-small freezes its pretrained Swin; Tables 5/6 then also train the one-stage baseline
-    with the Swin at the full learning rate (no paper row); with a trained Swin the extra row
-    would repeat the first and is left out."""
+def test_tables5_6_can_add_the_one_stage_row_with_the_swin_trained(smoke):
+    """cpu-small freezes its pretrained Swin; on request (onestage_swin_trained=True) Tables 5/6
+    also train the one-stage baseline with the Swin at the full learning rate (no paper row).
+    Off by default, and never added when the base trains its Swin anyway (it would repeat the
+    first row)."""
     assert PRESETS["cpu-small"]().train.backbone_lr_factor == 0.0
     assert smoke.train.backbone_lr_factor == 0.0
     for table in ("table5", "table6"):
-        rows = ex.table_specs(table, smoke)
-        assert [s.paper_method for s in rows][:2] == ["LAVT", None]
+        default = ex.table_specs(table, smoke)
+        rows = ex.table_specs(table, smoke, onestage_swin_trained=True)
+        assert [s.paper_method for s in rows] == ["LAVT", None] + [s.paper_method
+                                                                   for s in default[1:]]
         assert rows[-1].paper_method == "ReLA" and rows[-1].cfg == smoke
         frozen, trained = rows[0].cfg, rows[1].cfg
-        assert frozen.model.head == trained.model.head == "onestage"
+        assert frozen == default[0].cfg and frozen.model.head == trained.model.head == "onestage"
         assert frozen.train.backbone_lr_factor == 0.0 and trained.train.backbone_lr_factor == 1.0
         assert ex.replace(trained, train={"backbone_lr_factor": 0.0}, name=frozen.name) == frozen
         assert rows[1].nt_rule == "pixels"
-        unfrozen = ex.table_specs(table, ex.replace(smoke, train={"backbone_lr_factor": 1.0}))
-        assert [s.paper_method for s in unfrozen] == [s.paper_method for s in rows
-                                                      if s.paper_method is not None]
+        unfrozen = ex.replace(smoke, train={"backbone_lr_factor": 1.0})
+        assert (len(ex.table_specs(table, unfrozen, onestage_swin_trained=True))
+                == len(default))
