@@ -245,7 +245,6 @@ def test_backbone_lr_from_stage_limits_the_factor_to_the_deep_stages(tiny_model)
         build_optimizer(tiny_model, TrainConfig(backbone_lr_factor=0.5, backbone_lr_from_stage=4))
 
 
-
 def test_backbone_lr_factor_zero_freezes_by_learning_rate_and_keeps_the_clip_norm(tiny_cfg):
     """backbone_lr_factor=0: the pretrained Swin parameters of the chosen stages stay trainable
     tensors in a learning-rate-0 group, so their gradients exist and count in the full-model clip
