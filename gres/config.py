@@ -256,6 +256,11 @@ class TrainConfig:
     # learning rate of 0: they still get gradients, which count in the clip norm (requires_grad
     # =False instead scored 4 points lower on cpu-small, bench/RESULTS.md "Session 8").
     backbone_lr_factor: float = 1.0
+    # Ours, only with backbone_lr_factor=0: True = the frozen weights still get gradients (they
+    # count in the clip norm: the session-7 recipe); False = requires_grad=False on them, so no
+    # weight gradients and no optimiser state (~15 % faster cpu-small steps), and the clip norm
+    # covers the trained parameters alone (bench/RESULTS.md "Session 8" / "Session 9").
+    frozen_backbone_grads: bool = True
     # Ours: the factor applies to the pretrained parameters of Swin stages >= this one only (the
     # patch embedding is stage 0); 0 = the whole pretrained Swin.
     backbone_lr_from_stage: int = 0
@@ -267,6 +272,11 @@ class TrainConfig:
     # Freeze every text-encoder parameter (frozen MiniLM variant); False = recipe (only BERT
     # embeddings and layers >= ModelConfig.text.frozen_layers_from are frozen).
     freeze_text_encoder: bool = False
+    # Ours, needs freeze_text_encoder: the frozen encoder's word features of every training and
+    # validation sentence are computed once (evaluation mode, so without dropout), stored beside
+    # the pretrained backbones and served from memory (gres.text_cache); False = run the encoder
+    # in every step (in training mode, so its dropout is active, as for the official frozen layers).
+    text_feature_cache: bool = False
     amp_dtype: str = "float16"  # AMPTrainer: fp16 autocast + GradScaler; "bfloat16": no scaler
     # Sub-modules (by attribute name) run in fp32 under AMP: GRES.py forces the pixel decoder fp32.
     fp32_modules: tuple[str, ...] = ("pixel_decoder",)

@@ -365,7 +365,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def prepare_model(cfg: ExperimentConfig, load_pretrained: bool = True) -> nn.Module:
-    """``build_model(cfg.model)`` with the recipe's text-encoder freezing applied.
+    """``build_model(cfg.model)`` with the recipe's text-encoder freezing applied, and without
+    gradients for the frozen Swin weights when ``train.frozen_backbone_grads`` is False.
 
     Args:
         cfg: the experiment config (model + ``train.freeze_text_encoder``).
@@ -381,6 +382,16 @@ def prepare_model(cfg: ExperimentConfig, load_pretrained: bool = True) -> nn.Mod
         freeze_embeddings=cfg.model.text.freeze_embeddings,
         freeze_all=cfg.train.freeze_text_encoder,
     )
+    if not cfg.train.frozen_backbone_grads:
+        if cfg.train.backbone_lr_factor != 0:
+            raise ValueError(
+                "train.frozen_backbone_grads=False needs train.backbone_lr_factor=0 (it drops the "
+                f"gradients of frozen Swin weights), got {cfg.train.backbone_lr_factor}"
+            )
+        from gres.model.swin import pretrained_parameters
+
+        for param in pretrained_parameters(model, cfg.train.backbone_lr_from_stage):
+            param.requires_grad_(False)
     return model
 
 
@@ -848,7 +859,9 @@ def train(
             if interrupted; the schedule still targets the full budget.
         train_dataset / val_dataset: override the datasets built from ``cfg.data``.
         pretrain_root: cache of backbones pretrained by :mod:`gres.pretrain` (for
-            ``swin.pretrained="dataset-categories"``; default ``<run_dir>/../_pretrained``).
+            ``swin.pretrained="dataset-categories"``) and of the text-feature stores of
+            :mod:`gres.text_cache` (``train.text_feature_cache``); default
+            ``<run_dir>/../_pretrained``.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint is kept.
@@ -900,15 +913,23 @@ def train(
     # ---- model, optimiser ------------------------------------------------------------------------
     fresh = not (resume and ckpt is not None)
     model_cfg = cfg
+    # shared by the runs of a cache: pretrained backbones, stores of text features
+    shared_root = Path(pretrain_root) if pretrain_root is not None else run_dir.parent / "_pretrained"
     if fresh:  # a backbone pretrained on the dataset's categories: cached, or trained now
         from gres.pretrain import resolve_pretrained
 
-        root = Path(pretrain_root) if pretrain_root is not None else run_dir.parent / "_pretrained"
-        model_cfg = resolve_pretrained(cfg, root, progress=progress and info.is_main)
+        model_cfg = resolve_pretrained(cfg, shared_root, progress=progress and info.is_main)
     seed_everything(tcfg.seed)
     model = prepare_model(model_cfg, load_pretrained=fresh).to(dev)
     if use_amp:
         apply_fp32_modules(model, tcfg.fp32_modules)
+    if tcfg.text_feature_cache:  # frozen encoder: its features of every sentence, computed once
+        from gres.text_cache import use_feature_store
+
+        if not tcfg.freeze_text_encoder:
+            raise ValueError("train.text_feature_cache=True needs train.freeze_text_encoder=True")
+        use_feature_store(model, [d for d in (train_dataset, val_dataset) if d is not None],
+                          shared_root, progress=progress and info.is_main)
     from gres.losses import GRESCriterion
 
     criterion = GRESCriterion(cfg.loss).to(dev)

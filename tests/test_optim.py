@@ -288,3 +288,48 @@ def test_backbone_lr_factor_zero_freezes_by_learning_rate_and_keeps_the_clip_nor
                if id(p) in stage0)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters()
                if ".fusion." in n)
+
+
+def test_frozen_backbone_grads_false_drops_the_frozen_gradients(tiny_cfg):
+    """frozen_backbone_grads=False: the frozen Swin weights get requires_grad=False, so they have
+    no gradient, sit in no optimiser group and do not count in the clip norm; the fusion modules
+    and the unfrozen stage 0 still train. It needs backbone_lr_factor=0."""
+    from gres import engine
+    from gres.losses import GRESCriterion
+    from gres.model.swin import pretrained_parameters
+    from gres.optim import build_optimizer, clip_gradients
+
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(
+        tiny_cfg.train, lr=1e-2, backbone_lr_factor=0.0, backbone_lr_from_stage=1,
+        frozen_backbone_grads=False))
+    engine.seed_everything(0)
+    model = engine.prepare_model(cfg).train()
+    frozen = {id(p) for p in pretrained_parameters(model, from_stage=1)}
+    stage0 = {id(p) for p in pretrained_parameters(model)} - frozen
+    assert frozen and stage0
+    assert not any(p.requires_grad for p in model.parameters() if id(p) in frozen)
+    assert all(p.requires_grad for p in model.parameters() if id(p) in stage0)
+    opt = build_optimizer(model, cfg.train)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not in_opt & frozen and stage0 <= in_opt
+
+    S = cfg.model.image_size
+    torch.manual_seed(0)
+    image, ids = torch.randn(2, 3, S, S), torch.randint(1000, 2000, (2, 6))
+    gt = (torch.rand(2, S, S) > 0.7).float()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = model(image, ids, torch.ones_like(ids, dtype=torch.bool))
+    GRESCriterion(cfg.loss)(out, gt, torch.tensor([False, True]))["loss"].backward()
+    assert all(p.grad is None for p in model.parameters() if id(p) in frozen)
+    trained = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = clip_gradients(opt, 0.0)
+    assert float(norm) == pytest.approx(
+        float(torch.linalg.vector_norm(torch.stack([g.norm() for g in trained]))), rel=1e-5)
+    opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if id(p) in frozen)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters()
+               if ".fusion." in n)
+
+    bad = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backbone_lr_factor=0.1))
+    with pytest.raises(ValueError, match="frozen_backbone_grads=False needs"):
+        engine.prepare_model(bad)

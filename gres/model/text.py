@@ -121,6 +121,9 @@ class TextEncoder(nn.Module):
         if getattr(bert, "pooler", None) is not None:
             bert.pooler = None  # GRES.py:79; the pooler is never used
         self.bert = bert
+        # Word features of a frozen encoder by token row (ours, gres.text_cache): not a buffer,
+        # so never in the state dict; None = always run BERT.
+        self.memo: dict[bytes, Tensor] | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -147,8 +150,69 @@ class TextEncoder(nn.Module):
             official decoder attends to them without a mask).
         """
         validate_tokens(input_ids, text_mask, self.vocab_size)
+        if self.memo is not None:
+            return self._from_memo(input_ids, text_mask)
         out = self.bert(input_ids=input_ids, attention_mask=convert_text_mask(text_mask, "hf"))
         return out.last_hidden_state
+
+    # ------------------------------------------------------------------------- frozen-feature memo
+    def use_memo(self, input_ids: Tensor, text_mask: Tensor, features: Tensor) -> None:
+        """Serve the word features of these token rows from memory from now on (ours).
+
+        Only for a frozen encoder: its features are a fixed function of the tokens, so a row
+        computed once (e.g. by :mod:`gres.text_cache` for every sentence of a dataset) is the
+        same every time. Rows not in the memo are computed on first use, in evaluation mode like
+        the store's (so a memo never applies the encoder's dropout), and added.
+
+        Args:
+            input_ids: (N, L) int64, text_mask: (N, L) bool, features: (N, L, Dt) the encoder's
+                output for those rows.
+
+        Raises:
+            ValueError: a parameter still requires gradients, or the shapes disagree.
+        """
+        if any(p.requires_grad for p in self.parameters()):
+            raise ValueError("TextEncoder.use_memo: the encoder is not frozen (a parameter "
+                             "requires gradients); its features would change during training")
+        n, length = input_ids.shape
+        if text_mask.shape != (n, length) or features.shape[:2] != (n, length) \
+                or features.shape[2] != self.hidden_size:
+            raise ValueError(
+                f"TextEncoder.use_memo: input_ids {tuple(input_ids.shape)}, text_mask "
+                f"{tuple(text_mask.shape)} and features {tuple(features.shape)} do not match "
+                f"(expected (N, L), (N, L), (N, L, {self.hidden_size}))")
+        memo = {} if self.memo is None else self.memo
+        ids, mask, feats = input_ids.cpu(), text_mask.cpu(), features.detach().float().cpu()
+        for i in range(n):
+            memo[token_key(ids[i], mask[i])] = feats[i]
+        self.memo = memo
+
+    def _from_memo(self, input_ids: Tensor, text_mask: Tensor) -> Tensor:
+        if any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError("TextEncoder: a memo of word features is set but the encoder is "
+                               "trainable again; call clear_memo() first")
+        memo = self.memo
+        assert memo is not None
+        ids, mask = input_ids.cpu(), text_mask.cpu()
+        keys = [token_key(ids[i], mask[i]) for i in range(len(ids))]
+        missing = [i for i, k in enumerate(keys) if k not in memo]
+        if missing:  # computed as the memo's rows are: evaluation mode (no dropout)
+            was_training = self.bert.training
+            self.bert.eval()
+            try:
+                with torch.no_grad():
+                    rows = torch.tensor(missing, device=input_ids.device)
+                    out = self.bert(input_ids=input_ids[rows],
+                                    attention_mask=convert_text_mask(text_mask[rows], "hf"))
+            finally:
+                self.bert.train(was_training)
+            for i, feat in zip(missing, out.last_hidden_state.float().cpu()):
+                memo[keys[i]] = feat
+        return torch.stack([memo[k] for k in keys]).to(input_ids.device)  # (B, L, Dt)
+
+    def clear_memo(self) -> None:
+        """Always run BERT again (e.g. before unfreezing the encoder)."""
+        self.memo = None
 
     # ---------------------------------------------------------------------------------- builders
     @classmethod
@@ -270,6 +334,12 @@ def build_tokenizer(name_or_path: str) -> Any:
         return AutoTokenizer.from_pretrained(name_or_path)
     except OSError as err:
         raise _offline_error("tokenizer", name_or_path, err) from err
+
+
+def token_key(input_ids: Tensor, text_mask: Tensor) -> bytes:
+    """Key of one token row (L,) in :attr:`TextEncoder.memo`: its ids and mask as bytes."""
+    return (input_ids.to(torch.int64).numpy().tobytes()
+            + text_mask.to(torch.bool).numpy().tobytes())
 
 
 def tokenize(
