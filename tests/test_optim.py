@@ -245,13 +245,26 @@ def test_backbone_lr_from_stage_limits_the_factor_to_the_deep_stages(tiny_model)
         build_optimizer(tiny_model, TrainConfig(backbone_lr_factor=0.5, backbone_lr_from_stage=4))
 
 
+def _backward_once(model, cfg) -> dict:
+    """One seeded forward + GRES loss + backward on random data; returns the weights before."""
+    from gres.losses import GRESCriterion
+
+    S = cfg.model.image_size
+    torch.manual_seed(0)
+    image, ids = torch.randn(2, 3, S, S), torch.randint(1000, 2000, (2, 6))
+    gt = (torch.rand(2, S, S) > 0.7).float()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = model(image, ids, torch.ones_like(ids, dtype=torch.bool))
+    GRESCriterion(cfg.loss)(out, gt, torch.tensor([False, True]))["loss"].backward()
+    return before
+
+
 def test_backbone_lr_factor_zero_freezes_by_learning_rate_and_keeps_the_clip_norm(tiny_cfg):
     """backbone_lr_factor=0: the pretrained Swin parameters of the chosen stages stay trainable
     tensors in a learning-rate-0 group, so their gradients exist and count in the full-model clip
     norm (the measured cpu-small recipe; requires_grad=False scored lower), and a step leaves
     them unchanged while the fusion modules and stage 0 move."""
     from gres import engine
-    from gres.losses import GRESCriterion
     from gres.model.swin import pretrained_parameters
     from gres.optim import build_optimizer, clip_gradients
 
@@ -267,13 +280,7 @@ def test_backbone_lr_factor_zero_freezes_by_learning_rate_and_keeps_the_clip_nor
     zero = {id(p) for g in opt.param_groups if g["lr"] == 0.0 for p in g["params"]}
     assert zero == frozen
 
-    S = cfg.model.image_size
-    torch.manual_seed(0)
-    image, ids = torch.randn(2, 3, S, S), torch.randint(1000, 2000, (2, 6))
-    gt = (torch.rand(2, S, S) > 0.7).float()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out = model(image, ids, torch.ones_like(ids, dtype=torch.bool))
-    GRESCriterion(cfg.loss)(out, gt, torch.tensor([False, True]))["loss"].backward()
+    before = _backward_once(model, cfg)
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     frozen_grads = [p.grad for p in model.parameters() if id(p) in frozen and p.grad is not None]
     assert frozen_grads and any(float(g.abs().sum()) > 0 for g in frozen_grads)
@@ -295,7 +302,6 @@ def test_frozen_backbone_grads_false_drops_the_frozen_gradients(tiny_cfg):
     no gradient, sit in no optimiser group and do not count in the clip norm; the fusion modules
     and the unfrozen stage 0 still train. It needs backbone_lr_factor=0."""
     from gres import engine
-    from gres.losses import GRESCriterion
     from gres.model.swin import pretrained_parameters
     from gres.optim import build_optimizer, clip_gradients
 
@@ -313,13 +319,7 @@ def test_frozen_backbone_grads_false_drops_the_frozen_gradients(tiny_cfg):
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not in_opt & frozen and stage0 <= in_opt
 
-    S = cfg.model.image_size
-    torch.manual_seed(0)
-    image, ids = torch.randn(2, 3, S, S), torch.randint(1000, 2000, (2, 6))
-    gt = (torch.rand(2, S, S) > 0.7).float()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out = model(image, ids, torch.ones_like(ids, dtype=torch.bool))
-    GRESCriterion(cfg.loss)(out, gt, torch.tensor([False, True]))["loss"].backward()
+    before = _backward_once(model, cfg)
     assert all(p.grad is None for p in model.parameters() if id(p) in frozen)
     trained = [p.grad for p in model.parameters() if p.grad is not None]
     norm = clip_gradients(opt, 0.0)
