@@ -167,6 +167,19 @@ def _atomic_replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically: a temporary file beside ``path``, fsync, rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    _atomic_replace(tmp, path)
+    return path
+
+
 def save_model(
     model: nn.Module, cfg: ModelConfig | ExperimentConfig | None, path: str | os.PathLike
 ) -> Path:
@@ -181,14 +194,11 @@ def save_model(
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    from safetensors.torch import save_file
-
     # Tolerate the (model, path, cfg) argument order used by early engine drafts.
     if isinstance(cfg, (str, os.PathLike)) and not isinstance(path, (str, os.PathLike)):
         cfg, path = path, cfg
     model = getattr(model, "module", model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     seen: set[int] = set()
     for k, v in model.state_dict().items():
@@ -201,9 +211,7 @@ def save_model(
         blob = _config_blob(cfg)
         meta["config"] = json.dumps(blob["config"])
         meta["config_kind"] = blob["kind"]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    _atomic_replace(tmp, path)
+    save_tensors(tensors, path, meta)
     if cfg is not None:
         cpath = config_path(path)
         ctmp = cpath.with_name(f".{cpath.name}.tmp-{os.getpid()}")

@@ -35,16 +35,14 @@ its configurations need before it starts the parallel trainings.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gres.config import DATASET_PRETRAINED, ExperimentConfig, PretrainConfig, to_dict
+from gres.utils import file_lock
 
 PRETRAIN_SOURCE = DATASET_PRETRAINED
 """``SwinConfig.pretrained`` value that selects this module's pretraining."""
@@ -277,18 +276,6 @@ def pretrain_dir(cfg: ExperimentConfig, root: str | os.PathLike) -> Path:
     return Path(root) / f"swin-{pretrain_key(cfg)}"
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Exclusive lock on ``folder/.lock``: parallel trainings pretrain a shared backbone once."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -321,7 +308,7 @@ def pretrain_backbone(cfg: ExperimentConfig, root: str | os.PathLike, *,
     folder = pretrain_dir(cfg, root)
     key = folder.name.removeprefix("swin-")
     out = folder / BACKBONE_FILE
-    with _locked(folder):
+    with file_lock(folder / ".lock"):  # parallel trainings pretrain a shared backbone once
         if out.is_file():
             if verbose:
                 print(f"[pretrain] backbone loaded from {out}")

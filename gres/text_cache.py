@@ -2,7 +2,7 @@
 
 A frozen encoder (``TrainConfig.freeze_text_encoder``) maps a token row to the same features at
 every step, so running it inside every training step only spends time: with the packaged MiniLM
-(6 layers, width 384) on the ``cpu-small`` model it was about a sixth of a training step. With
+(6 layers, width 384) on the ``cpu-small`` model it was about a quarter of a training step. With
 ``TrainConfig.text_feature_cache`` the engine instead computes the features of every sentence of
 the training and validation splits once, in evaluation mode (no dropout), stores them beside the
 pretrained backbones and serves them from memory (:meth:`gres.model.text.TextEncoder.use_memo`).
@@ -18,17 +18,16 @@ compute it once (a file lock)::
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
 from gres.model.text import TextEncoder, token_key
+from gres.utils import file_lock
 
 STORE_PREFIX = "text-"
 
@@ -80,56 +79,36 @@ def store_key(encoder: TextEncoder, input_ids: Tensor, text_mask: Tensor, length
     return h.hexdigest()[:length]
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@torch.no_grad()
 def compute_features(encoder: TextEncoder, input_ids: Tensor, text_mask: Tensor, *,
                      batch_size: int = 64, progress: bool = False) -> Tensor:
-    """(N, L, Dt) float32 word features in evaluation mode (no dropout), ``batch_size`` rows at
-    a time in the given order (so the result does not depend on who asks)."""
+    """(N, L, Dt) float32 word features (:meth:`TextEncoder.frozen_features`: evaluation mode,
+    no dropout), ``batch_size`` rows at a time in the given order (so the result does not depend
+    on who asks)."""
     from tqdm.auto import tqdm
 
-    was_training = encoder.training
-    memo, encoder.memo = encoder.memo, None  # compute with BERT itself
-    encoder.eval()
-    try:
-        device = next(encoder.parameters()).device
-        out = []
-        for start in tqdm(range(0, len(input_ids), batch_size), desc="text features",
-                          disable=not progress, leave=False):
-            ids = input_ids[start:start + batch_size].to(device)
-            mask = text_mask[start:start + batch_size].to(device)
-            out.append(encoder(ids, mask).float().cpu())
-        return torch.cat(out)
-    finally:
-        encoder.memo = memo
-        encoder.train(was_training)
+    device = next(encoder.parameters()).device
+    out = []
+    for start in tqdm(range(0, len(input_ids), batch_size), desc="text features",
+                      disable=not progress, leave=False):
+        ids = input_ids[start:start + batch_size].to(device)
+        mask = text_mask[start:start + batch_size].to(device)
+        out.append(encoder.frozen_features(ids, mask).float().cpu())
+    return torch.cat(out)
 
 
 def feature_store(encoder: TextEncoder, datasets: Iterable[Any], root: str | os.PathLike, *,
                   progress: bool = False) -> Path:
     """The store of ``encoder``'s features for every sentence of ``datasets`` under ``root``:
     read if present, else computed and written atomically (under a lock)."""
-    from safetensors.torch import save_file
+    from gres.checkpoint import save_tensors
 
     input_ids, text_mask = token_rows(datasets)
     path = Path(root) / f"{STORE_PREFIX}{store_key(encoder, input_ids, text_mask)}.safetensors"
-    with _lock(path):
+    with file_lock(path.with_name(path.name + ".lock")):
         if not path.is_file():
             feats = compute_features(encoder, input_ids, text_mask, progress=progress)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            save_file({"input_ids": input_ids, "text_mask": text_mask.to(torch.uint8),
-                       "features": feats.contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            save_tensors({"input_ids": input_ids, "text_mask": text_mask.to(torch.uint8),
+                          "features": feats.contiguous()}, path)
     return path
 
 

@@ -8,10 +8,13 @@
 * :func:`cached` is the train-or-load helper (STYLE §3.6.5): load ``path`` if it exists,
   otherwise compute, save and say so.
 * :func:`glue` wraps ``myst_nb.glue`` so that numbers render in prose as plain formatted text.
+* :func:`file_lock` serialises processes that build the same cached file (pretrained backbones,
+  text-feature stores).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -24,11 +27,27 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Exclusive ``flock`` on the file ``path`` (created, with its folder, if missing) for the
+    ``with`` block: parallel processes that need the same cached result compute it once."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------------

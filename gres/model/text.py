@@ -152,8 +152,23 @@ class TextEncoder(nn.Module):
         validate_tokens(input_ids, text_mask, self.vocab_size)
         if self.memo is not None:
             return self._from_memo(input_ids, text_mask)
+        return self._bert(input_ids, text_mask)
+
+    def _bert(self, input_ids: Tensor, text_mask: Tensor) -> Tensor:
         out = self.bert(input_ids=input_ids, attention_mask=convert_text_mask(text_mask, "hf"))
         return out.last_hidden_state
+
+    @torch.no_grad()
+    def frozen_features(self, input_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """(B, L, Dt) features as a memo holds them: BERT itself (never the memo), in evaluation
+        mode (no dropout), without autograd; the module's mode is restored afterwards."""
+        validate_tokens(input_ids, text_mask, self.vocab_size)
+        was_training = self.bert.training
+        self.bert.eval()
+        try:
+            return self._bert(input_ids, text_mask)
+        finally:
+            self.bert.train(was_training)
 
     # ------------------------------------------------------------------------- frozen-feature memo
     def use_memo(self, input_ids: Tensor, text_mask: Tensor, features: Tensor) -> None:
@@ -196,17 +211,10 @@ class TextEncoder(nn.Module):
         ids, mask = input_ids.cpu(), text_mask.cpu()
         keys = [token_key(ids[i], mask[i]) for i in range(len(ids))]
         missing = [i for i, k in enumerate(keys) if k not in memo]
-        if missing:  # computed as the memo's rows are: evaluation mode (no dropout)
-            was_training = self.bert.training
-            self.bert.eval()
-            try:
-                with torch.no_grad():
-                    rows = torch.tensor(missing, device=input_ids.device)
-                    out = self.bert(input_ids=input_ids[rows],
-                                    attention_mask=convert_text_mask(text_mask[rows], "hf"))
-            finally:
-                self.bert.train(was_training)
-            for i, feat in zip(missing, out.last_hidden_state.float().cpu()):
+        if missing:  # computed as the memo's rows are
+            rows = torch.tensor(missing, device=input_ids.device)
+            feats = self.frozen_features(input_ids[rows], text_mask[rows])
+            for i, feat in zip(missing, feats.float().cpu()):
                 memo[keys[i]] = feat
         return torch.stack([memo[k] for k in keys]).to(input_ids.device)  # (B, L, Dt)
 
